@@ -1,0 +1,1 @@
+"""CAM inference (multi-scale + flip, multi-crop), storage and smoothing."""

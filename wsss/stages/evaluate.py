@@ -1,0 +1,105 @@
+"""Stage evaluate: predict a split with the trained segmenter and score it against ground truth.
+
+Single-scale by default; `eval.scales`, `eval.flip` and `eval.crf` turn on multi-scale, flip and
+dense-CRF inference (report which in any number you quote). Writes `pred/<id>.png`,
+`metrics/evaluate.json` and the per-class table `metrics/evaluate.txt`.
+
+`evaluate_folders` scores any folder of index PNGs against any folder of ground truth
+(`wsss evaluate --pred DIR --gt DIR`), for people who use nothing else from wsss.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional, Sequence
+
+from tqdm import tqdm
+
+from wsss.crf import presets
+from wsss.engine import dist
+from wsss.engine.predictor import Predictor
+from wsss.engine.rundir import RunDir
+from wsss.engine.trainer import configure_threads
+from wsss.errors import DataError
+from wsss.io import atomic
+from wsss.io.images import read_index_png, write_index_png
+from wsss.metrics import ConfusionMatrix, SegMetrics
+from wsss.stages.common import inference_device, split_dataset, stage_main
+
+log = logging.getLogger("wsss")
+STAGE = "evaluate"
+
+
+def final_model_dir(rd: RunDir) -> Path:
+    """The segmenter that evaluation uses: the last cyclic round if any ran, else seg/."""
+    rounds = rd.cfg.cyclic.rounds if "cyclic" in rd.cfg.run.stages else 0
+    return rd.sub(f"seg_r{rounds}") if rounds > 0 else rd.sub("seg")
+
+
+def run(rd: RunDir) -> dict:
+    cfg = rd.cfg
+    out = rd.sub("pred")
+    if rd.is_done(STAGE, [out, rd.sub("metrics", "evaluate.json")]):
+        log.info("evaluate: done for this config, skipping (--force to rerun)")
+        return rd.metrics(STAGE)
+    rd.reset_outputs_if_stale(STAGE, [out])
+    with rd.running(STAGE) as metrics:
+        configure_threads(cfg)
+        split = cfg.eval.split or cfg.data.val_split
+        ds = split_dataset(cfg, split)
+        if not ds.has_masks:
+            raise DataError(None, f"evaluate: split {split!r} has no ground-truth masks; use `wsss predict` for unlabelled images")
+        predictor = Predictor(cfg, final_model_dir(rd), ds.class_names, inference_device(cfg))
+        crf = presets.resolve(cfg.eval.crf_params) if cfg.eval.crf else None
+        out.mkdir(parents=True, exist_ok=True)
+        todo = [sid for sid in dist.shard(ds.ids) if not (out / f"{sid}.png").exists()]
+        for sid in tqdm(todo, desc="evaluate", disable=not dist.is_main(), leave=False):
+            write_index_png(out / f"{sid}.png", predictor.labels(ds.load_image(sid), cfg.eval.scales, cfg.eval.flip, crf))
+        dist.barrier()
+        if dist.is_main():
+            cm = ConfusionMatrix(ds.num_classes)
+            for sid in ds.ids:
+                gt = ds.load_mask(sid)
+                cm.update(read_index_png(out / f"{sid}.png", ds.num_classes, gt.shape, "prediction"), gt)
+            result = cm.compute(ds.class_names, cfg.eval.absent)
+            protocol = f"scales {list(cfg.eval.scales)}, flip {cfg.eval.flip}, crf {cfg.eval.crf}"
+            save_metrics(rd.sub("metrics"), "evaluate", result, f"segmenter on {split} ({len(ds)} images; {protocol})")
+            metrics.update(miou=round(result.miou, 4), pixel_accuracy=round(result.pixel_accuracy, 4), split=split,
+                           images=len(ds), protocol=protocol)
+    return metrics
+
+
+def save_metrics(directory: Path, name: str, result: SegMetrics, title: str) -> str:
+    """Write `<name>.json` and `<name>.txt` (the table) atomically; log and return the table."""
+    directory.mkdir(parents=True, exist_ok=True)
+    table = result.table(title)
+    atomic.write_json(directory / f"{name}.json", {"title": title, **result.to_dict()})
+    atomic.write_text(directory / f"{name}.txt", table + "\n")
+    log.info("%s\nmIoU %.2f", table, 100 * result.miou)
+    return table
+
+
+def evaluate_folders(pred_dir: Path, gt_dir: Path, class_names: Sequence[str], absent: str = "union",
+                     ids: Optional[Sequence[str]] = None) -> SegMetrics:
+    """Score `pred_dir/<id>.png` against every `gt_dir/<id>.png` (or the given ids)."""
+    pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
+    if not gt_dir.is_dir():
+        raise DataError(gt_dir, "ground-truth folder not found")
+    if not pred_dir.is_dir():
+        raise DataError(pred_dir, "prediction folder not found")
+    names = list(ids) if ids is not None else sorted(p.stem for p in gt_dir.glob("*.png"))
+    if not names:
+        raise DataError(gt_dir, "no .png ground-truth masks found")
+    cm = ConfusionMatrix(len(class_names))
+    for name in tqdm(names, desc="evaluate", leave=False):
+        gt = read_index_png(gt_dir / f"{name}.png", len(class_names), None, "ground truth")
+        pred_path = pred_dir / f"{name}.png"
+        if not pred_path.is_file():
+            raise DataError(pred_path, f"prediction missing for ground truth {gt_dir / (name + '.png')}")
+        cm.update(read_index_png(pred_path, len(class_names), gt.shape, "prediction"), gt)
+    return cm.compute(class_names, absent)
+
+
+if __name__ == "__main__":
+    stage_main(STAGE, run, __doc__)
