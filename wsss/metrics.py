@@ -11,10 +11,9 @@ Pixels whose ground truth is 255 are ignored. Predictions of 255 count as "no cl
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
-import torch
 
 IGNORE = 255
 
@@ -27,7 +26,7 @@ class ConfusionMatrix:
         self.matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
         self.unlabelled_pred = np.zeros(num_classes, dtype=np.int64)  # GT pixels predicted 255
 
-    def update(self, pred: np.ndarray | torch.Tensor, gt: np.ndarray | torch.Tensor) -> None:
+    def update(self, pred: Any, gt: Any) -> None:
         """Add one prediction/GT pair, each (H, W) or (N, H, W) integer labels."""
         pred = _to_numpy(pred).astype(np.int64, copy=False)
         gt = _to_numpy(gt).astype(np.int64, copy=False)
@@ -130,8 +129,9 @@ def _pct(v: float) -> str:
     return "-" if v is None or not np.isfinite(v) else f"{100 * v:.2f}"
 
 
-def _to_numpy(x: np.ndarray | torch.Tensor) -> np.ndarray:
-    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+def _to_numpy(x: Any) -> np.ndarray:
+    """numpy arrays pass through; torch tensors are copied to the CPU (torch is not imported here)."""
+    return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
 
 
 def cam_labels(cams: np.ndarray, classes: np.ndarray, bg_threshold: float) -> np.ndarray:

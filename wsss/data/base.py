@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, TypedDict
 
 import numpy as np
-from torch.utils.data import Dataset
+
 
 from wsss.errors import DataError
 from wsss.io import images
@@ -38,8 +38,11 @@ class Sample(TypedDict, total=False):
     saliency: np.ndarray
 
 
-class SegDataset(Dataset):
+class SegDataset:
     """Base class: a list of ids, class names (background first) and per-id loaders.
+
+    A plain map-style data set (len + getitem): torch DataLoaders accept it, and importing it
+    does not import torch.
 
     Subclasses implement `image_path`, `_load_labels` and whichever of `mask_path`,
     `scribble_path`, `saliency_path` they support (returning None when absent).
@@ -196,17 +199,24 @@ def labels_from_mask(mask: np.ndarray, num_classes: int) -> np.ndarray:
     return labels
 
 
-def read_id_list(path: str | Path) -> list[str]:
-    """Read a split list (one id per line; extra columns ignored, as in SBD-style lists)."""
+def read_id_list(path: str | Path, whole_line: bool = False) -> list[str]:
+    """Read a split list: one id per line; extra columns ignored, as in SBD-style lists.
+
+    whole_line=True keeps the whole (stripped) line as the id, for ids that contain spaces.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "split list not found")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise DataError(path, "split list is not UTF-8 text") from None
     ids = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        first = line.split()[0]
+        first = line if whole_line else line.split()[0]
         # SBD/IRN style lists sometimes hold "/JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png"
         if first.startswith(("/JPEGImages/", "JPEGImages/")):
             # keep everything after the directory (not just the stem) so "../" in it is still rejected

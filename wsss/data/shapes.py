@@ -39,6 +39,9 @@ GENERATOR_VERSION = 3  # bump when the drawing changes, so old caches are not re
 
 MIN_VISIBLE_PIXELS = 40  # (at 96 px) an object with fewer visible pixels is not labelled
 _HEAD_HUES = [0.0, 0.16, 0.33, 0.55, 0.72, 0.88]  # one saturated head colour per class
+HEAD_RADIUS = (4.5, 6.0)  # (at 96 px) the discriminative part is small
+BODY_HUE_SIGMA = 0.09  # body hue ~ class hue + N(0, sigma): neighbouring classes overlap
+CLUTTER_CLASS_HUE = 0.0  # probability that a clutter blob takes a class's body hue (else any hue)
 
 
 def _hsv(h: float, s: float, v: float) -> np.ndarray:
@@ -146,7 +149,12 @@ def generate_sample(seed: int, size: int, num_classes: int = len(CLASS_NAMES)) -
         cv2.fillPoly(body, [poly], 1)
         body = body.astype(bool)
         # body colour: leans towards the class hue but overlaps neighbours; clutter takes any hue
-        hue = (_HEAD_HUES[cls - 1] + rng.normal(0, 0.09)) if is_obj else rng.uniform()
+        if is_obj:
+            hue = _HEAD_HUES[cls - 1] + rng.normal(0, BODY_HUE_SIGMA)
+        elif rng.uniform() < CLUTTER_CLASS_HUE:
+            hue = _HEAD_HUES[int(rng.integers(len(_HEAD_HUES)))] + rng.normal(0, BODY_HUE_SIGMA)
+        else:
+            hue = rng.uniform()
         colour = _hsv(hue, rng.uniform(0.3, 0.7), rng.uniform(0.4, 0.85))
         tex = 1 + 0.18 * _smooth_noise(rng, size, 6)[..., 0]
         layer = colour[None, None] * tex[..., None] + rng.normal(0, 6, (size, size, 1)).astype(np.float32)
@@ -161,7 +169,7 @@ def generate_sample(seed: int, size: int, num_classes: int = len(CLASS_NAMES)) -
             hx = cx + end * 0.95 * rx * math.cos(rot)
             hy = cy + end * 0.95 * rx * math.sin(rot)
             hx, hy = float(np.clip(hx, 4 * s, size - 4 * s)), float(np.clip(hy, 4 * s, size - 4 * s))
-            head = _draw_head(img, cls, hx, hy, rng.uniform(4.5, 6.0) * s, rng)
+            head = _draw_head(img, cls, hx, hy, rng.uniform(*HEAD_RADIUS) * s, rng)
             region |= head
             mask[region] = cls
             full_areas[depth] = (cls, head)
@@ -198,7 +206,9 @@ def _noisy_saliency(rng: np.random.Generator, fg: np.ndarray, clutter: np.ndarra
 # ---- the data set -----------------------------------------------------------------------------
 
 def _cache_key(cfg: Any) -> str:
-    payload = json.dumps({"v": GENERATOR_VERSION, "n_train": cfg.num_train, "n_val": cfg.num_val,
+    from wsss.data.scribbles import SIMULATOR_VERSION
+
+    payload = json.dumps({"v": GENERATOR_VERSION, "scribbles": SIMULATOR_VERSION, "n_train": cfg.num_train, "n_val": cfg.num_val,
                           "size": cfg.image_size, "seed": cfg.seed}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 

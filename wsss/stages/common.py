@@ -102,4 +102,5 @@ def stage_main(stage: str, run_fn: Callable[[RunDir], Any], description: str) ->
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. seg.lr=0.01")
     parser.add_argument("--force", action="store_true", help="rerun even if outputs exist for this config")
     args = parser.parse_args()
+    setup_logging()
     run_guarded(lambda: run_fn(open_run(args.recipe, args.overrides, args.force)))

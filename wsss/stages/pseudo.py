@@ -58,8 +58,12 @@ def run(rd: RunDir) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         ds = split_dataset(cfg, cam_split(cfg))
         sweep = None
-        if ds.has_masks and dist.is_main():
-            sweep = cam_threshold_sweep(cams_dir, ds, ds.ids)
+        quality_ids = ds.ids
+        if cfg.pseudo.quality_split:
+            keep = set(split_dataset(cfg, cfg.pseudo.quality_split).ids)
+            quality_ids = [sid for sid in ds.ids if sid in keep]
+        if ds.has_masks and dist.is_main() and quality_ids:
+            sweep = cam_threshold_sweep(cams_dir, ds, quality_ids)
             t, m = best_threshold(sweep)
             metrics.update(cam_seed_miou=round(m.miou, 4), cam_seed_best_threshold=t,
                            cam_sweep={f"{tt:.2f}": round(mm.miou, 4) for tt, mm in sweep})
@@ -85,14 +89,15 @@ def run(rd: RunDir) -> dict:
             if missing:
                 raise RuntimeError(f"pseudo: {len(missing)} masks missing (e.g. {missing[0]})")
             metrics.update(images=len(ds), method=cfg.pseudo.method)
-            if ds.has_masks:
-                quality, labelled = mask_quality(out, ds, ds.ids)
+            if ds.has_masks and quality_ids:
+                quality, labelled = mask_quality(out, ds, quality_ids)
                 metrics.update(pseudo_miou=round(quality.miou, 4), labelled_fraction=round(labelled, 4),
                                pseudo_precision=round(quality.mean_precision, 4), pseudo_recall=round(quality.mean_recall, 4))
                 rd.sub("metrics").mkdir(exist_ok=True)
                 atomic.write_json(rd.sub("metrics", "pseudo.json"), {"pseudo": quality.to_dict(), "labelled_fraction": labelled,
                                   "cam_sweep": {f"{t:.2f}": m.to_dict() for t, m in sweep} if sweep else None})
-                table = quality.table(f"pseudo masks ({cfg.pseudo.method}) vs ground truth, split {cam_split(cfg)}")
+                table = quality.table(f"pseudo masks ({cfg.pseudo.method}) vs ground truth, {len(quality_ids)} images of "
+                                      f"split {cfg.pseudo.quality_split or cam_split(cfg)}")
                 atomic.write_text(rd.sub("metrics", "pseudo.txt"), table + "\n")
                 log.info("%s\npseudo: mIoU %.2f, %.1f%% of pixels labelled", table, 100 * quality.miou, 100 * labelled)
     return metrics

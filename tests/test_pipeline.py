@@ -1,0 +1,123 @@
+"""The image-level pipeline end to end on a tiny synthetic set, plus run-directory behaviour."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from wsss.cam.store import read_cams
+from wsss.cli import main
+from wsss.io.images import read_index_png
+
+TINY = ["data.shapes.num_train=24", "data.shapes.num_val=8", "data.shapes.image_size=64",
+        "cam.backbone.name=test_resnet", "seg.encoder.name=test_resnet", "cam.max_steps=3", "seg.max_steps=3",
+        "cam.batch_size=8", "seg.batch_size=8", "cam.crop_size=64", "seg.crop_size=64",
+        "cam_infer.scales=[1.0, 0.5]", "trainer.num_workers=0", "report.samples=2"]
+
+
+def _run(tmp_path: Path, *extra: str, recipe: str = "configs/shapes_cam.yaml", command: str = "run") -> dict:
+    args = [command, recipe, f"run.root={tmp_path / 'runs'}", f"data.root={tmp_path / 'data'}", *TINY, *extra]
+    main(args)
+    name = next(a.split("=", 1)[1] for a in [*extra, f"run.name={Path(recipe).stem}"] if a.startswith("run.name="))
+    return json.loads((tmp_path / "runs" / name / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> tuple[Path, dict]:
+    tmp = tmp_path_factory.mktemp("pipeline")
+    return tmp, _run(tmp)
+
+
+def test_all_stages_write_their_outputs(tiny_run):
+    tmp, manifest = tiny_run
+    run = tmp / "runs" / "shapes_cam"
+    assert [s for s, v in manifest["stages"].items() if v["status"] == "done"] == \
+        ["train_cam", "cam", "pseudo", "train_seg", "evaluate", "report"]
+    assert (run / "config.yaml").is_file() and (run / "cam" / "model.safetensors").is_file()
+    cams = sorted((run / "cams").glob("*.npz"))
+    assert len(cams) == 24
+    classes, maps = read_cams(cams[0])
+    assert maps.dtype == np.float32 and maps.shape[0] == len(classes)
+    if len(classes):
+        assert 0 <= maps.min() and maps.max() <= 1.0 + 1e-3 and maps.shape[1:] == (64, 64)
+    mask = read_index_png(run / "pseudo" / cams[0].name.replace(".npz", ".png"), 7)
+    assert mask.shape == (64, 64)
+    assert len(list((run / "pred").glob("*.png"))) == 8
+    metrics = manifest["stages"]["evaluate"]["metrics"]
+    assert 0.0 <= metrics["miou"] <= 1.0
+    assert "cam_seed_miou" in manifest["stages"]["pseudo"]["metrics"]
+    assert "versions" in manifest and "torch" in manifest["versions"]
+    html = (run / "report" / "index.html").read_text()
+    assert "Per-class IoU" in html and "data:image/jpeg;base64" in html
+
+
+def test_rerun_skips_done_stages(tiny_run, capsys):
+    tmp, before = tiny_run
+    after = _run(tmp)
+    for stage in ("train_cam", "cam", "pseudo", "train_seg", "evaluate"):
+        assert after["stages"][stage]["started"] == before["stages"][stage]["started"], stage
+    assert "skipping" in capsys.readouterr().out
+
+
+def test_changed_config_reruns_downstream_only(tiny_run):
+    tmp, before = tiny_run
+    after = _run(tmp, "pseudo.bg_threshold=0.3")
+    assert after["stages"]["cam"]["started"] == before["stages"]["cam"]["started"]
+    assert after["stages"]["pseudo"]["config_hash"] != before["stages"]["pseudo"]["config_hash"]
+    assert after["stages"]["train_seg"]["started"] != before["stages"]["train_seg"]["started"]
+    assert (tmp / "runs" / "shapes_cam" / "pseudo.old").is_dir()  # previous outputs kept one generation
+
+
+def test_single_stage_command_and_python_m(tiny_run):
+    import subprocess
+    import sys
+
+    tmp, _ = tiny_run
+    res = subprocess.run([sys.executable, "-m", "wsss.stages.evaluate", "configs/shapes_cam.yaml",
+                          f"run.root={tmp / 'runs'}", f"data.root={tmp / 'data'}", *TINY, "pseudo.bg_threshold=0.3"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "skipping" in res.stdout
+
+
+def test_full_supervision_recipe(tmp_path):
+    manifest = _run(tmp_path, recipe="configs/shapes_full.yaml")
+    assert manifest["stages"]["train_seg"]["metrics"]["labels"] == "gt"
+    assert "cam" not in manifest["stages"]
+
+
+def test_unwritable_run_root_is_a_clear_error(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(SystemExit) as err:
+        main(["run", "configs/shapes_cam.yaml", f"run.root={blocker}", *TINY])
+    assert err.value.code == 2
+    assert "not writable" in capsys.readouterr().err
+
+
+def test_report_renders_in_headless_chromium(tiny_run, tmp_path):
+    """The report opens in a real browser (Debian chromium) and paints images, tables and text."""
+    import shutil
+    import subprocess
+
+    from PIL import Image
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("chromium not installed (CI installs it)")
+    run_dir, _ = tiny_run
+    page = run_dir / "runs" / "shapes_cam" / "report" / "index.html"
+    shot = tmp_path / "report.png"
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,1600",
+                    f"--screenshot={shot}", page.as_uri()], capture_output=True, timeout=120)
+    assert shot.is_file()
+    pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    assert pixels.shape[:2] == (1600, 1200)
+    # not a blank page: many distinct colours (heatmaps, overlays) and dark text on white
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 500
+    assert (pixels.sum(-1) < 150).mean() > 0.001
