@@ -177,22 +177,30 @@ class PUFConfig:
 
 @dataclass
 class DenseCRFLossConfig:
-    weight: float = 2e-9  # rloss scale; see docs/methods/scribbles.md for our calibration
+    """DenseCRF loss (Tang et al. 2018) as rloss computes it; weight in our units (docs/methods/scribbles.md)."""
+
+    weight: float = 2.4e-8  # = rloss's 2e-9 x its batch size 12 (our pCE is not divided by the batch size)
     sigma_rgb: float = 15.0
-    sigma_xy: float = 100.0
+    sigma_xy: float = 100.0  # full-resolution pixels; multiplied by `scale` like rloss
     scale: float = 0.5  # compute on a downscaled output (rloss --rloss-scale)
 
 
 @dataclass
 class DFRConfig:
-    weight: float = 1.0
-    shallow_sigma_rgb: float = 15.0
-    shallow_sigma_xy: float = 40.0
-    deep_sigma: float = 1.0
+    """Dynamic Feature Regularized loss: a dense kernel on a coarse grid over joint shallow (xy, rgb) and
+    deep (feature-consistency-head) features, plus the head's pair-wise loss (docs/methods/scribbles.md)."""
+
+    weight: float = 1.0  # the deep-kernel Potts term, normalised to [0, 1] per image
+    sigma_xy: float = 80.0  # input pixels
+    sigma_rgb: float = 30.0
+    sigma_deep: float = 0.5  # on unit-length embeddings (|e_i - e_j|^2 in [0, 4])
+    size: int = 32  # grid cells along the longer side where the dense kernel is computed
     feature_dim: int = 32  # consistency-head embedding size
+    head_channels: int = 64
     consistency_weight: float = 0.1
-    size: int = 32  # side of the downsampled grid where the dense deep kernel is computed
-    warmup_steps: int = 0  # regularised term starts after this many steps
+    confidence: float = 0.9  # predicted cells above this join the scribbles as pair labels for the head
+    densecrf: bool = True  # also add the full-resolution DenseCRF loss of seg.loss.densecrf
+    warmup_steps: int = 0  # the deep-kernel term starts after this many steps (the head trains from step 0)
 
 
 @dataclass

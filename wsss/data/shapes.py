@@ -35,12 +35,12 @@ from wsss.io.images import encode_index_png
 log = logging.getLogger(__name__)
 
 CLASS_NAMES = ["background", "disc", "ring", "cross", "bars", "checker", "triangle"]
-GENERATOR_VERSION = 3  # bump when the drawing changes, so old caches are not reused
+GENERATOR_VERSION = 4  # bump when the drawing changes, so old caches are not reused
 
 MIN_VISIBLE_PIXELS = 40  # (at 96 px) an object with fewer visible pixels is not labelled
 _HEAD_HUES = [0.0, 0.16, 0.33, 0.55, 0.72, 0.88]  # one saturated head colour per class
-HEAD_RADIUS = (4.5, 6.0)  # (at 96 px) the discriminative part is small
-BODY_HUE_SIGMA = 0.09  # body hue ~ class hue + N(0, sigma): neighbouring classes overlap
+HEAD_RADIUS = (6.0, 7.5)  # (at 96 px) the discriminative part is small
+BODY_HUE_SIGMA = 0.04  # body hue ~ class hue + N(0, sigma): leans towards the class, clutter shares hues
 CLUTTER_CLASS_HUE = 0.0  # probability that a clutter blob takes a class's body hue (else any hue)
 
 

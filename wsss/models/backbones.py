@@ -84,20 +84,28 @@ def load_matching(module: nn.Module, state: dict[str, torch.Tensor], source: str
     """Load `state` into `module`; mismatches become a CheckpointError naming the keys."""
     own = module.state_dict()
     state = _strip_prefix(state, own)
-    missing = [k for k in own if k not in state and not any(k.startswith(p) for p in allowed_missing)]
-    unexpected = [k for k in state if k not in own and not any(k.startswith(p) for p in allowed_unexpected)]
-    shape = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or shape:
-        parts = []
-        if shape:
-            parts.append("shape mismatch: " + ", ".join(shape[:5]) + (" ..." if len(shape) > 5 else ""))
-        if missing:
-            parts.append("missing: " + ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
-        if unexpected:
-            parts.append("unexpected: " + ", ".join(unexpected[:5]) + (" ..." if len(unexpected) > 5 else ""))
-        raise CheckpointError(f"{source} does not match this model ({'; '.join(parts)}); was it made by "
+    problem = describe_mismatch(own, state, allowed_missing, allowed_unexpected)
+    if problem:
+        raise CheckpointError(f"{source} does not match this model ({problem}); was it made by "
                               "another recipe or backbone?")
     module.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+
+
+def describe_mismatch(own: dict[str, Any], state: dict[str, Any], allowed_missing: Sequence[str] = (),
+                      allowed_unexpected: Sequence[str] = ()) -> str:
+    """"" if `state` fits a model whose state dict is `own`, else the mismatched keys (shape, missing, unexpected)."""
+    missing = [k for k in own if k not in state and not any(k.startswith(p) for p in allowed_missing)]
+    unexpected = [k for k in state if k not in own and not any(k.startswith(p) for p in allowed_unexpected)]
+    shape = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+             if k in state and hasattr(state[k], "shape") and state[k].shape != own[k].shape]
+    parts = []
+    if shape:
+        parts.append("shape mismatch: " + ", ".join(shape[:5]) + (" ..." if len(shape) > 5 else ""))
+    if missing:
+        parts.append("missing: " + ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
+    if unexpected:
+        parts.append("unexpected: " + ", ".join(unexpected[:5]) + (" ..." if len(unexpected) > 5 else ""))
+    return "; ".join(parts)
 
 
 def _strip_prefix(state: dict[str, torch.Tensor], own: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -145,10 +153,18 @@ def freeze_stages(model: nn.Module, num_stages: int) -> None:
         return
     names = [info["module"] for info in model.feature_info.info]  # all stages, not only out_indices
     last = names[min(num_stages, len(names)) - 1]
-    params = list(model.named_parameters())
-    cut = max(i for i, (n, _) in enumerate(params) if n == last or n.startswith(last + ".") or n.startswith(last.replace(".", "_") + "."))
-    for _, p in params[: cut + 1]:
-        p.requires_grad_(False)
+    candidates = (last, last.replace(".", "_"))  # FeatureListNet flattens "layer.0" to "layer_0"
+    modules = [n for n, _ in model.named_modules()]
+    start = next((i for i, n in enumerate(modules) if n in candidates), None)
+    if start is None:
+        raise ConfigError(f"frozen_stages: cannot find stage module {last!r} in the backbone")
+    end = start + 1  # pre-order: the stage's submodules follow it
+    while end < len(modules) and modules[end].startswith(modules[start] + "."):
+        end += 1
+    frozen = set(modules[:end])  # everything before the stage in forward order, and the stage itself
+    for name, p in model.named_parameters():
+        if name.rpartition(".")[0] in frozen:
+            p.requires_grad_(False)
 
 
 def set_bn_eval(module: nn.Module) -> None:
