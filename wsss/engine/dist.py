@@ -61,6 +61,27 @@ def shard(items: Sequence[T]) -> list[T]:
     return list(items[rank()::world_size()])
 
 
+def all_sum(value: float) -> float:
+    """Sum of `value` over all processes (itself when alone), e.g. images computed per rank."""
+    return _all_reduce(value, torch_dist.ReduceOp.SUM)
+
+
+def all_max(value: float) -> float:
+    """Largest `value` over all processes, e.g. the slowest rank's seconds."""
+    return _all_reduce(value, torch_dist.ReduceOp.MAX)
+
+
+def _all_reduce(value: float, op: torch_dist.ReduceOp) -> float:
+    if not is_distributed():
+        return value
+    init()
+    # nccl reduces CUDA tensors only; gloo reduces CPU tensors
+    on = device() if torch_dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([float(value)], dtype=torch.float64, device=on)
+    torch_dist.all_reduce(t, op=op)
+    return t.item()
+
+
 def device() -> torch.device:
     """The device for this process's inference work (its local GPU under torchrun, else CPU)."""
     if torch.cuda.is_available():

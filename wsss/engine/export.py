@@ -34,16 +34,28 @@ def load_weights(net: torch.nn.Module, directory: Path, kind: str, class_names: 
     meta_path = directory / "model.json"
     if not path.is_file():
         raise CheckpointError(f"{path}: trained weights not found; run the training stage first")
+    trained: list[str] = []
     if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
+        try:
+            meta = json.loads(meta_path.read_text())
+        except ValueError:
+            meta = None
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"{meta_path}: not a valid model description (a JSON object)")
         if meta.get("kind") != kind:
             raise CheckpointError(f"{path}: holds a {meta.get('kind')} network, expected {kind}")
-        if meta.get("class_names") and meta["class_names"] != list(class_names):
-            raise CheckpointError(f"{path}: trained for classes {meta['class_names'][:5]}... "
-                                  f"({len(meta['class_names'])}), this data set has {len(class_names)}")
+        trained = list(meta.get("class_names") or [])
     try:
         state = load_file(str(path))
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
         raise CheckpointError(f"{path}: unreadable weights file ({e})") from None
-    load_matching(net, state, str(path))
+    classes = "" if not trained or trained == list(class_names) else (
+        f"trained for {len(trained)} classes ({', '.join(trained[:4])}, ...), this data set has {len(class_names)} "
+        f"({', '.join(class_names[:4])}, ...)")
+    try:
+        load_matching(net, state, str(path))
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}{'; ' + classes if classes else ''}") from None
+    if classes:  # same shapes, other class names: the weights load but would mean other things
+        raise CheckpointError(f"{path}: {classes}")
     return net

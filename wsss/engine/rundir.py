@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 
 from wsss.config import section_hash, to_yaml
 from wsss.engine import dist
-from wsss.errors import RunDirError
+from wsss.errors import ConfigError, RunDirError
 from wsss.io import atomic
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class RunDir:
 
     def __init__(self, cfg: DictConfig, force: bool = False):
         self.cfg = cfg
-        self.path = Path(cfg.run.root).expanduser() / cfg.run.name
+        self.path = run_path(cfg.run.root, cfg.run.name)
         self.force = force
         self.manifest_path = self.path / "manifest.json"
         self._hashes: dict[str, str] = {}
@@ -164,13 +164,27 @@ class RunDir:
         try:
             yield metrics
         except KeyboardInterrupt:
-            self.update_stage(stage, status="interrupted", seconds=round(time.time() - start, 2))
+            with contextlib.suppress(RunDirError):  # a full disk must not hide the interruption
+                self.update_stage(stage, status="interrupted", seconds=round(time.time() - start, 2))
             raise
         except BaseException as e:
-            self.update_stage(stage, status="failed", error=str(e)[:500], seconds=round(time.time() - start, 2))
+            with contextlib.suppress(RunDirError):  # e.g. the disk is full: report the original error
+                self.update_stage(stage, status="failed", error=str(e)[:500], seconds=round(time.time() - start, 2))
             raise
         self.update_stage(stage, status="done", ended=_now(), seconds=round(time.time() - start, 2),
                           metrics=metrics, error=None)
+
+
+def run_path(root: str | Path, name: str) -> Path:
+    """`root/name`, refusing names that leave `root` ('../x', absolute paths, a symlink out of it)."""
+    root = Path(root).expanduser()
+    parts = Path(str(name)).parts
+    if not parts or Path(str(name)).is_absolute() or any(p in ("..", ".") for p in parts) or "\\" in str(name):
+        raise ConfigError(f"run.name: {name!r} must be a relative name inside run.root ({root}); no '..', no absolute path")
+    path = root / name
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise ConfigError(f"run.name: {root / name} resolves to {path.resolve()}, outside run.root {root.resolve()}")
+    return path
 
 
 def section_hash_text(text: str) -> str:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
+import math
 import os
+import signal
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -14,27 +19,56 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from wsss.engine import dist
 from wsss.errors import CheckpointError, ConfigError
 from wsss.io import atomic
+from wsss.models.backbones import describe_mismatch
 
 log = logging.getLogger(__name__)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoints are written to a temporary file and renamed (a kill never leaves half a file),
-    and loaded with weights_only=True (no pickled code runs)."""
+    and loaded with weights_only=True (no pickled code runs). A checkpoint whose weights do not fit
+    the model being trained is a CheckpointError naming the keys."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trainer: Optional[L.Trainer] = None  # set by build_trainer; gives the model to check against
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Optional[Any] = None) -> None:
-        with atomic.atomic_path(path) as tmp:
-            torch.save(checkpoint, tmp)
+        with atomic.atomic_path(path) as tmp, open(tmp, "wb") as f:
+            torch.save(checkpoint, f)  # through a Python file, a full disk is an OSError (RunDirError), not a zip error
 
     def load_checkpoint(self, path: str | Path, map_location: Optional[Any] = "cpu", weights_only: Optional[bool] = None) -> dict[str, Any]:
-        try:
-            return torch.load(path, map_location=map_location, weights_only=True)
+        try:  # weights_only=True whatever the caller asks: a checkpoint file may come from anywhere
+            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
         except Exception as e:  # noqa: BLE001 - any unpickling failure means unsafe or corrupt
-            raise CheckpointError(f"{path}: cannot load checkpoint safely ({str(e).splitlines()[0][:300]})") from None
+            raise CheckpointError(f"{path}: cannot load checkpoint safely ({str(e).splitlines()[0][:300]}); "
+                                  "delete it to train from the start") from None
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if module is not None and isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
+            problem = describe_mismatch(module.state_dict(), checkpoint["state_dict"])
+            if problem:
+                raise CheckpointError(f"{path}: checkpoint of another recipe or backbone ({problem}); "
+                                      "delete it, or use another run.name")
+        return checkpoint
+
+
+class ResumeBookkeeping(L.Callback):
+    """Remembers the step training started at (after restoring a checkpoint), and saves the logs
+    with every checkpoint, so a resumed run's training curves have no gap."""
+
+    step = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.step = int(trainer.global_step)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        for logger in trainer.loggers:
+            logger.save()
 
 
 def configure_threads(cfg: DictConfig) -> None:
@@ -62,9 +96,9 @@ def build_trainer(cfg: DictConfig, out_dir: Path, epochs: int, max_steps: int, v
                               "torchrun --nproc_per_node=N (see README, 'Scaling'); trainer.devices then follows it")
         devices, num_nodes, strategy = 1, 1, "auto"
     every = max(1, cfg.trainer.checkpoint_every_steps)
-    ckpt = ModelCheckpoint(dirpath=out_dir / "checkpoints", filename="step{step:06d}", save_last=True,
-                           save_top_k=1, every_n_train_steps=every, save_on_train_epoch_end=True,
-                           auto_insert_metric_name=False)
+    # only last.ckpt (what a rerun resumes from): no second full copy of every checkpoint
+    ckpt = ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=every,
+                           save_on_train_epoch_end=True)
     if cfg.trainer.logger == "tensorboard":
         logger: Any = TensorBoardLogger(save_dir=str(out_dir), name="logs", version="")
     else:
@@ -74,16 +108,19 @@ def build_trainer(cfg: DictConfig, out_dir: Path, epochs: int, max_steps: int, v
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*The number of training batches.*")
     warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
-    return L.Trainer(
+    io = AtomicCheckpointIO()
+    trainer = L.Trainer(
         accelerator=accelerator(cfg), devices=devices, num_nodes=num_nodes, strategy=strategy,
         precision=cfg.trainer.precision,
         max_epochs=epochs if max_steps <= 0 else -1, max_steps=max_steps if max_steps > 0 else -1,
-        callbacks=[ckpt, *callbacks], logger=logger, plugins=[AtomicCheckpointIO()],
+        callbacks=[ckpt, ResumeBookkeeping(), *callbacks], logger=logger, plugins=[io],
         default_root_dir=str(out_dir), enable_model_summary=False, num_sanity_val_steps=0,
         check_val_every_n_epoch=val_every if val_every > 0 else None if max_steps > 0 else 10**9,
         log_every_n_steps=log_every, deterministic=cfg.trainer.deterministic or False,
         use_distributed_sampler=True,
     )
+    io.trainer = trainer
+    return trainer
 
 
 def quiet_lightning() -> None:
@@ -93,6 +130,88 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*`validation_step` but have no `val_dataloader`.*")
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
     warnings.filterwarnings("ignore", category=UserWarning, module="lightning.pytorch.utilities._pytree")
+
+
+def train_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int) -> DataLoader:
+    """Shuffled training batches that do not depend on the number of processes.
+
+    Every process draws the same seeded permutation (per epoch) and takes every world_size-th
+    sample of it, so N processes with batch b see, step by step, exactly the samples that one
+    process with batch N*b sees. Lightning keeps this sampler under DDP and sets its epoch.
+    """
+    world = dist.world_size()
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=dist.rank(), shuffle=True, seed=seed)
+    per_rank = math.ceil(len(dataset) / world)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=per_rank > batch_size,
+                      num_workers=num_workers, persistent_workers=num_workers > 0)
+
+
+def fit(trainer: L.Trainer, module: L.LightningModule, out_dir: Path, train: DataLoader,
+        val: Optional[DataLoader] = None, name: str = "") -> int:
+    """`trainer.fit`, resuming from `out_dir/checkpoints/last.ckpt` if a killed run left one.
+
+    Returns the step training started from (0 for a fresh start). Ctrl-C raises KeyboardInterrupt
+    (Lightning itself would exit with status 1 and leave Ctrl-C ignored).
+    """
+    resume = resume_path(out_dir)
+    if resume:
+        log.info("%s: resuming from %s", name or out_dir.name, resume)
+        if dist.is_main():
+            _set_aside_log(out_dir / "logs")
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        trainer.fit(module, train, val_dataloaders=val, ckpt_path=resume)
+    except SystemExit:
+        if trainer.interrupted:
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        if threading.current_thread() is threading.main_thread() and handler is not None:
+            signal.signal(signal.SIGINT, handler)
+    start = next((c.step for c in trainer.callbacks if isinstance(c, ResumeBookkeeping)), 0)
+    if dist.is_main():
+        _merge_log(out_dir / "logs", start)
+    return start
+
+
+def _set_aside_log(logs: Path) -> None:
+    """Lightning's CSV logger starts metrics.csv afresh: keep the rows of the killed attempt(s) aside."""
+    current = _read_rows(logs / "metrics.csv")  # an earlier resumed attempt's rows replace what they redid
+    first = min((int(r["step"]) for r in current if r.get("step", "").isdigit()), default=None)
+    rows = [r for r in _read_rows(logs / "metrics.before-resume.csv") if first is None or _step(r) < first] + current
+    if rows:
+        _write_rows(logs / "metrics.before-resume.csv", rows)
+
+
+def _merge_log(logs: Path, start_step: int) -> None:
+    """metrics.csv = rows logged before the resumed checkpoint's step + this attempt's rows."""
+    aside = logs / "metrics.before-resume.csv"
+    if not aside.is_file():
+        return
+    earlier = [r for r in _read_rows(aside) if _step(r) < start_step]
+    _write_rows(logs / "metrics.csv", earlier + _read_rows(logs / "metrics.csv"))
+    aside.unlink()
+
+
+def _read_rows(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        # a row cut short by a kill has missing fields (None): dropped
+        return [r for r in csv.DictReader(f) if None not in r and None not in r.values()]
+
+
+def _step(row: dict[str, str]) -> int:
+    return int(row["step"]) if row.get("step", "").isdigit() else 1 << 62
+
+
+def _write_rows(path: Path, rows: list[dict[str, str]]) -> None:
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic.write_text(path, buf.getvalue())
 
 
 def resume_path(out_dir: Path) -> Optional[str]:

@@ -39,10 +39,16 @@ class Segmenter(nn.Module):
         kwargs: dict[str, Any] = dict(seg_cfg.arch_kwargs)
         if seg_cfg.arch.lower().replace("_", "") in ("deeplabv3plus", "deeplabv3"):
             kwargs.setdefault("encoder_output_stride", enc.output_stride)
+        is_vit = seg_cfg.arch.lower() == "vitseg"
         try:
-            self.model = smp.create_model(seg_cfg.arch, encoder_name=f"tu-{enc.name}",
-                                          encoder_weights="imagenet" if enc.weights == "imagenet" else None,
-                                          classes=num_classes, **kwargs)
+            if is_vit:  # a plain timm ViT + wsss's light decoder, with smp's attribute names (wsss/models/vit_seg.py)
+                from wsss.models.vit_seg import build_vit_seg
+
+                self.model = build_vit_seg(seg_cfg, num_classes)
+            else:
+                self.model = smp.create_model(seg_cfg.arch, encoder_name=f"tu-{enc.name}",
+                                              encoder_weights="imagenet" if enc.weights == "imagenet" else None,
+                                              classes=num_classes, **kwargs)
         except KeyError as e:
             raise ConfigError(f"seg.arch: {seg_cfg.arch!r} is not a segmentation_models_pytorch architecture ({e})") from None
         timm_model = self.model.encoder.model
@@ -54,7 +60,8 @@ class Segmenter(nn.Module):
         elif enc.weights not in ("none", "imagenet"):
             load_matching(timm_model, load_state_dict_file(enc.weights), str(enc.weights),
                           allowed_unexpected=("fc.", "classifier", "head", "conv_head", "bn2", "global_pool"))
-        freeze_stages(timm_model, enc.frozen_stages)
+        if not is_vit:  # vitseg freezes the patch embedding + first N blocks itself
+            freeze_stages(timm_model, enc.frozen_stages)
         self.freeze_bn = bool(enc.freeze_bn)
         self.aux_head = None
         if seg_cfg.aux_weight > 0:

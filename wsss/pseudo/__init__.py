@@ -16,8 +16,14 @@ def build_generator(pseudo_cfg: Any, bg_threshold: float | None = None) -> tuple
     if pseudo_cfg.method == "threshold":
         from wsss.pseudo.threshold import make_threshold_generator
 
-        return make_threshold_generator(pseudo_cfg, bg), bool(pseudo_cfg.crf)
+        generator = make_threshold_generator(pseudo_cfg, bg)
+        if pseudo_cfg.cov.enabled:  # PMM's CoV smoothing on plain thresholding (an ablation row)
+            from wsss.cam.cov import with_cov_smoothing
+
+            generator = with_cov_smoothing(generator, pseudo_cfg.cov)
+        return generator, bool(pseudo_cfg.crf)
     if pseudo_cfg.method == "ppmg":
+        # PPMG applies pseudo.cov itself: its CRF sees the smoothed maps, its proportions the raw ones.
         from wsss.pseudo.ppmg import make_ppmg_generator
 
         return make_ppmg_generator(pseudo_cfg), True

@@ -24,7 +24,8 @@ from wsss.engine.modules import CAMModule
 from wsss.engine.rundir import RunDir
 from wsss.engine.trainer import configure_threads
 from wsss.models.backbones import normalization
-from wsss.stages.common import inference_device, iterate_groups, size_groups, split_dataset, stack_images, stage_main
+from wsss.stages.common import (inference_device, iterate_groups, release_memory, size_groups, split_dataset,
+                                stack_images, stage_main)
 
 log = logging.getLogger("wsss")
 STAGE = "cam"
@@ -57,9 +58,13 @@ def run(rd: RunDir) -> dict:
         device = inference_device(cfg)
         net = load_cam_net(rd, ds.num_classes, ds.class_names, device)
         norm = Normalizer(*normalization(cfg.cam.backbone)).to(device)
-        todo = [sid for sid in dist.shard(ds.ids) if not (out / f"{sid}.npz").exists()]
-        if len(todo) < len(dist.shard(ds.ids)):
-            log.info("cam: resuming, %d of %d images already done", len(dist.shard(ds.ids)) - len(todo), len(dist.shard(ds.ids)))
+        # Whole batches of equal-size images are sharded, and redone if any member is missing, so each
+        # image is computed in the same batch at any process count and after a resume: identical bits.
+        mine = dist.shard(size_groups(ds, ds.ids, 1 if cfg.cam_infer.mode == "multicrop" else cfg.cam_infer.batch_size))
+        groups = [g for g in mine if not all((out / f"{sid}.npz").exists() for sid in g)]
+        todo = [sid for g in groups for sid in g]
+        if len(todo) < sum(map(len, mine)):
+            log.info("cam: resuming, %d of %d images already done", sum(map(len, mine)) - len(todo), sum(map(len, mine)))
         start = time.time()
         if cfg.cam_infer.mode == "multicrop":
             from wsss.cam.multicrop import run_multicrop
@@ -68,8 +73,7 @@ def run(rd: RunDir) -> dict:
         else:
             cam_fn = cam_function(net, cfg)
             channels_last = cfg.cam.backbone.channels_last
-            groups = size_groups(ds, todo, cfg.cam_infer.batch_size)
-            bar = tqdm(total=len(todo), desc="cam", disable=not dist.is_main(), leave=False)
+            bar = tqdm(total=len(todo), desc="cam", disable=None if dist.is_main() else True, leave=False)
             for samples in iterate_groups(ds, groups, cfg.trainer.num_workers):
                 x = norm(stack_images(samples, device))
                 if channels_last:
@@ -77,15 +81,19 @@ def run(rd: RunDir) -> dict:
                 labels = torch.from_numpy(np.stack([s["labels"] for s in samples])).to(device)
                 for s, (classes, maps) in zip(samples, multiscale_cams(cam_fn, x, labels, cfg.cam_infer.scales, cfg.cam_infer.flip)):
                     write_cams(out / f"{s['id']}.npz", classes, maps.cpu().numpy())
+                release_memory()
                 bar.update(len(samples))
             bar.close()
-        seconds = time.time() - start
+        seconds = dist.all_max(time.time() - start)  # the slowest process
+        computed = int(dist.all_sum(len(todo)))
         dist.barrier()
         missing = [sid for sid in ds.ids if not (out / f"{sid}.npz").exists()]
         if missing:
             raise RuntimeError(f"cam: {len(missing)} CAM files missing after inference (e.g. {missing[0]})")
-        metrics.update(images=len(ds), computed=len(todo), images_per_second=round(len(todo) / max(seconds, 1e-9), 3))
-        log.info("cam: %d images (%d computed here, %.2f img/s)", len(ds), len(todo), metrics["images_per_second"])
+        metrics.update(images=len(ds), computed=computed, processes=dist.world_size(),
+                       images_per_second=round(computed / max(seconds, 1e-9), 3))
+        log.info("cam: %d images (%d computed, %.2f img/s over %d process(es))", len(ds), computed,
+                 metrics["images_per_second"], dist.world_size())
     return metrics
 
 

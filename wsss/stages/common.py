@@ -4,6 +4,8 @@ and the `python -m wsss.stages.<stage> RECIPE [key=value ...]` entry point."""
 from __future__ import annotations
 
 import argparse
+import ctypes
+import functools
 import logging
 import sys
 from collections import defaultdict
@@ -91,6 +93,29 @@ def stack_images(samples: list[dict[str, Any]], device: torch.device) -> torch.T
     """List of (H, W, 3) uint8 images of one size -> (B, 3, H, W) float 0..255 on `device`."""
     arr = np.stack([s["image"] for s in samples])
     return torch.from_numpy(arr).to(device).permute(0, 3, 1, 2).float()
+
+
+@functools.lru_cache(maxsize=None)
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None elsewhere (macOS, musl)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_memory() -> None:
+    """Give freed memory back to the OS after a batch.
+
+    glibc keeps the memory of freed tensors for reuse; with images of many sizes it fragments and
+    the process grows with every new size (voc12-mini, 100 sizes: 1.0 -> 2.8 GB). Trimming after
+    each batch keeps a streaming stage's memory flat.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def stage_main(stage: str, run_fn: Callable[[RunDir], Any], description: str) -> None:

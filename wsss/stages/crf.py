@@ -12,7 +12,9 @@ from wsss.config import CRFConfig
 from wsss.crf import presets
 from wsss.engine import dist
 from wsss.errors import DataError
+from wsss.io import atomic
 from wsss.io.images import read_image, write_index_png
+from wsss.io.paths import check_within
 from wsss.pseudo.refine import crf_labels
 from wsss.pseudo.threshold import cam_probabilities
 
@@ -28,13 +30,17 @@ def refine_folder(cams_dir: Path, images_dir: Path, out_dir: Path, preset: str, 
     if not ids:
         raise DataError(cams_dir, "no .npz CAM files")
     out_dir.mkdir(parents=True, exist_ok=True)
+    if dist.is_main():  # temporaries of a killed earlier attempt; before any process writes again
+        atomic.clean_temporaries(out_dir)
+    dist.barrier()
     todo = [sid for sid in dist.shard(ids) if not (out_dir / f"{sid}.png").exists()]
-    for sid in tqdm(todo, desc="crf", disable=not dist.is_main(), leave=False):
+    for sid in tqdm(todo, desc="crf", disable=None if dist.is_main() else True, leave=False):
         image_path = next((images_dir / f"{sid}{ext}" for ext in (".jpg", ".png", ".jpeg") if (images_dir / f"{sid}{ext}").is_file()), None)
         if image_path is None:
             raise DataError(images_dir / f"{sid}.jpg", "image for this CAM file not found")
-        classes, cams = read_cams(cams_dir / f"{sid}.npz")
-        image = read_image(image_path)
+        # files symlinked out of the given folders are refused, like the data sets' list entries
+        classes, cams = read_cams(check_within(cams_dir / f"{sid}.npz", cams_dir, "CAM file"))
+        image = read_image(check_within(image_path, images_dir, "image"))
         if image.shape[:2] != cams.shape[1:]:
             raise DataError(image_path, f"image size {image.shape[:2]} differs from its CAMs {cams.shape[1:]}")
         keys = np.concatenate([[0], classes]).astype(np.uint8)

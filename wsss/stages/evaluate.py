@@ -24,7 +24,7 @@ from wsss.errors import DataError
 from wsss.evaluation import save_metrics
 from wsss.io.images import read_index_png, write_index_png
 from wsss.metrics import ConfusionMatrix
-from wsss.stages.common import inference_device, split_dataset, stage_main
+from wsss.stages.common import inference_device, release_memory, split_dataset, stage_main
 
 log = logging.getLogger("wsss")
 STAGE = "evaluate"
@@ -53,8 +53,9 @@ def run(rd: RunDir) -> dict:
         crf = presets.resolve(cfg.eval.crf_params) if cfg.eval.crf else None
         out.mkdir(parents=True, exist_ok=True)
         todo = [sid for sid in dist.shard(ds.ids) if not (out / f"{sid}.png").exists()]
-        for sid in tqdm(todo, desc="evaluate", disable=not dist.is_main(), leave=False):
+        for sid in tqdm(todo, desc="evaluate", disable=None if dist.is_main() else True, leave=False):
             write_index_png(out / f"{sid}.png", predictor.labels(ds.load_image(sid), cfg.eval.scales, cfg.eval.flip, crf))
+            release_memory()  # images of many sizes: keep memory flat
         dist.barrier()
         if dist.is_main():
             cm = ConfusionMatrix(ds.num_classes)

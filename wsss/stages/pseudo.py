@@ -81,7 +81,7 @@ def run(rd: RunDir) -> dict:
         workers = cfg.trainer.num_workers if cfg.trainer.accelerator == "cpu" or not torch.cuda.is_available() else 0
         loader = torch.utils.data.DataLoader(_PseudoJob(ds, todo, cams_dir, out, generator, needs_image),
                                              batch_size=None, num_workers=workers)
-        for _ in tqdm(loader, total=len(todo), desc="pseudo", disable=not dist.is_main(), leave=False):
+        for _ in tqdm(loader, total=len(todo), desc="pseudo", disable=None if dist.is_main() else True, leave=False):
             pass
         dist.barrier()
         if dist.is_main():

@@ -9,14 +9,13 @@ from __future__ import annotations
 import logging
 
 import lightning as L
-from torch.utils.data import DataLoader
 
 from wsss.data.transforms import ClassificationSet, train_augment
 from wsss.engine import dist
 from wsss.engine.export import export_net
 from wsss.engine.modules import CAMModule
 from wsss.engine.rundir import RunDir
-from wsss.engine.trainer import build_trainer, configure_threads, resume_path
+from wsss.engine.trainer import build_trainer, configure_threads, fit, train_loader
 from wsss.stages.common import split_dataset, stage_main
 
 log = logging.getLogger("wsss")
@@ -35,19 +34,15 @@ def run(rd: RunDir) -> dict:
         L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
         ds = split_dataset(cfg, cfg.data.train_split).check(("labels",))
         train_set = ClassificationSet(ds, train_augment(cfg.cam, with_masks=False))
-        loader = DataLoader(train_set, batch_size=cfg.cam.batch_size, shuffle=True, drop_last=len(ds) > cfg.cam.batch_size,
-                            num_workers=cfg.trainer.num_workers, persistent_workers=cfg.trainer.num_workers > 0)
+        loader = train_loader(train_set, cfg.cam.batch_size, cfg.trainer.num_workers, cfg.trainer.seed)
         module = CAMModule(cfg, ds.num_classes)
         trainer = build_trainer(cfg, out, cfg.cam.epochs, cfg.cam.max_steps, steps_per_epoch=len(loader))
-        resume = resume_path(out)
-        if resume:
-            log.info("train_cam: resuming from %s", resume)
         log.info("train_cam: %s on %d images, %s", cfg.cam.backbone.name, len(ds),
                  f"{cfg.cam.max_steps} steps" if cfg.cam.max_steps > 0 else f"{cfg.cam.epochs} epochs")
-        trainer.fit(module, loader, ckpt_path=resume)
+        start = fit(trainer, module, out, loader, name=STAGE)
         if dist.is_main():
             export_net(module.net, out, "cam", cfg.cam, ds.class_names)
-        metrics.update(steps=int(trainer.global_step), images=len(ds),
+        metrics.update(steps=int(trainer.global_step), images=len(ds), resumed_from_step=start,
                        final_loss=float(trainer.callback_metrics.get("train/loss", float("nan"))))
         dist.barrier()
     return metrics

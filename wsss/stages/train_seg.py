@@ -19,7 +19,7 @@ from wsss.engine import dist
 from wsss.engine.export import export_net
 from wsss.engine.modules import SegModule
 from wsss.engine.rundir import RunDir
-from wsss.engine.trainer import build_trainer, configure_threads, resume_path
+from wsss.engine.trainer import build_trainer, configure_threads, fit, train_loader
 from wsss.stages.common import split_dataset, stage_main
 
 log = logging.getLogger("wsss")
@@ -33,8 +33,7 @@ def train_segmenter(rd: RunDir, out: Path, source: str, pseudo_dir: Optional[Pat
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     ds = split_dataset(cfg, cfg.data.train_split)
     train_set = SegmentationSet(ds, source, train_augment(cfg.seg, with_masks=True), pseudo_dir)
-    loader = DataLoader(train_set, batch_size=cfg.seg.batch_size, shuffle=True, drop_last=len(ds) > cfg.seg.batch_size,
-                        num_workers=cfg.trainer.num_workers, persistent_workers=cfg.trainer.num_workers > 0)
+    loader = train_loader(train_set, cfg.seg.batch_size, cfg.trainer.num_workers, cfg.trainer.seed)
     val_loader = None
     if cfg.seg.val_every > 0:
         val = split_dataset(cfg, cfg.eval.split or cfg.data.val_split)
@@ -44,16 +43,14 @@ def train_segmenter(rd: RunDir, out: Path, source: str, pseudo_dir: Optional[Pat
     module = SegModule(cfg, ds.num_classes, ds.class_names, loss_name)
     trainer = build_trainer(cfg, out, cfg.seg.epochs, cfg.seg.max_steps, val_every=cfg.seg.val_every if val_loader else 0,
                             steps_per_epoch=len(loader))
-    resume = resume_path(out)
-    if resume:
-        log.info("%s: resuming from %s", out.name, resume)
     log.info("%s: %s/%s on %d images, labels=%s, loss=%s, %s", out.name, cfg.seg.arch, cfg.seg.encoder.name, len(ds), source,
              module.loss_name, f"{cfg.seg.max_steps} steps" if cfg.seg.max_steps > 0 else f"{cfg.seg.epochs} epochs")
-    trainer.fit(module, loader, val_dataloaders=val_loader, ckpt_path=resume)
+    start = fit(trainer, module, out, loader, val_loader)
     if dist.is_main():
         export_net(module.net, out, "seg", cfg.seg, ds.class_names)
     dist.barrier()
-    metrics = {"steps": int(trainer.global_step), "images": len(ds), "labels": source, "loss": module.loss_name,
+    metrics = {"steps": int(trainer.global_step), "resumed_from_step": start, "images": len(ds), "labels": source,
+               "loss": module.loss_name,
                "final_loss": float(trainer.callback_metrics.get("train/loss", float("nan")))}
     if "val/miou" in trainer.callback_metrics:
         metrics["last_val_miou_monitor"] = float(trainer.callback_metrics["val/miou"])

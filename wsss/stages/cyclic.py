@@ -1,0 +1,165 @@
+"""Stage cyclic: PMM's Cyclic Pseudo-mask rounds (WSSS_MMSeg `tools/run_wsss.sh`).
+
+Round k (k = 1..cyclic.rounds): the previous segmenter (`seg/` for k = 1, else `seg_r<k-1>/`)
+predicts every training image with multi-scale + flip (+ dense CRF, preset `pmm_cyclic`) into
+`pseudo_r<k>/`, and a *fresh* segmenter is trained on those masks into `seg_r<k>/` with
+`cyclic.loss` (plain CE in the official configs). Evaluation then uses the last round's model.
+
+Model selection: `cyclic.selection: last` (default) keeps each round's final weights and never
+looks at validation ground truth. `best_val_uses_gt` is what the official script does
+(`tools/pick_best_pth.py` keeps the checkpoint with the best *val* mIoU): each round's segmenter is
+validated every `seg.val_every` epochs (1 if unset) and its best-val weights are kept. Numbers
+obtained that way are selected on the evaluation split; say so when quoting them. The first
+segmenter (`seg/`, stage train_seg) always keeps its last weights here.
+
+Per-image work is sharded across torchrun processes and resumes from the first missing mask; a
+round whose model exists is not retrained.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from wsss.crf import presets
+from wsss.data.transforms import InferenceSet, SegmentationSet, collate_list, train_augment
+from wsss.engine import dist
+from wsss.engine.export import export_net, load_weights
+from wsss.engine.modules import SegModule
+from wsss.engine.predictor import Predictor
+from wsss.engine.rundir import RunDir
+from wsss.engine.trainer import build_trainer, configure_threads, fit, train_loader
+from wsss.io.images import write_index_png
+from wsss.pseudo.quality import mask_quality
+from wsss.stages.common import inference_device, split_dataset, stage_main
+from wsss.stages.train_seg import train_segmenter
+
+log = logging.getLogger("wsss")
+STAGE = "cyclic"
+
+
+def round_dirs(rd: RunDir, k: int) -> tuple[Path, Path]:
+    """(pseudo_r<k>/, seg_r<k>/) of round k."""
+    return rd.sub(f"pseudo_r{k}"), rd.sub(f"seg_r{k}")
+
+
+def predict_masks(rd: RunDir, model_dir: Path, out: Path) -> int:
+    """Write `out/<id>.png` for this rank's share of the training images; returns how many were computed."""
+    cfg = rd.cfg
+    ds = split_dataset(cfg, cfg.data.train_split)
+    predictor = Predictor(cfg, model_dir, ds.class_names, inference_device(cfg))
+    crf = presets.resolve(cfg.cyclic.crf_params) if cfg.cyclic.crf else None
+    out.mkdir(parents=True, exist_ok=True)
+    todo = [sid for sid in dist.shard(ds.ids) if not (out / f"{sid}.png").exists()]
+    for sid in tqdm(todo, desc=out.name, disable=None if dist.is_main() else True, leave=False):
+        write_index_png(out / f"{sid}.png", predictor.labels(ds.load_image(sid), cfg.cyclic.scales, cfg.cyclic.flip, crf))
+    dist.barrier()
+    missing = [sid for sid in ds.ids if not (out / f"{sid}.png").exists()]
+    if missing:
+        raise RuntimeError(f"cyclic: {len(missing)} masks missing in {out} (e.g. {missing[0]})")
+    return len(todo)
+
+
+class KeepBestVal(L.Callback):
+    """Exports the weights with the best val mIoU seen so far to `<out>/best_val/` (uses val ground truth)."""
+
+    def __init__(self, out: Path, seg_cfg, class_names: list[str]):
+        self.out, self.seg_cfg, self.class_names = out / "best_val", seg_cfg, class_names
+        self.best, self.step = float("-inf"), -1
+
+    def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        miou = trainer.callback_metrics.get("val/miou")
+        if miou is None or trainer.sanity_checking or float(miou) <= self.best:
+            return
+        self.best, self.step = float(miou), int(trainer.global_step)
+        if trainer.is_global_zero:
+            export_net(module.net, self.out, "seg", self.seg_cfg, self.class_names)
+
+    def state_dict(self) -> dict:  # saved in checkpoints, so a resumed run remembers the best so far
+        return {"best": self.best, "step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.step = state["best"], state["step"]
+
+
+def train_best_val(rd: RunDir, out: Path, pseudo_dir: Path, loss_name: str) -> dict:
+    """train_segmenter, validating every seg.val_every epochs (>= 1) and keeping the best-val weights."""
+    cfg = rd.cfg
+    configure_threads(cfg)
+    L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
+    ds = split_dataset(cfg, cfg.data.train_split)
+    val = split_dataset(cfg, cfg.eval.split or cfg.data.val_split)
+    loader = train_loader(SegmentationSet(ds, "pseudo", train_augment(cfg.seg, with_masks=True), pseudo_dir),
+                          cfg.seg.batch_size, cfg.trainer.num_workers, cfg.trainer.seed)
+    val_loader = DataLoader(InferenceSet(val, val.ids, ("image", "mask")), batch_size=1, collate_fn=collate_list,
+                            num_workers=cfg.trainer.num_workers)
+    module = SegModule(cfg, ds.num_classes, ds.class_names, loss_name)
+    keep = KeepBestVal(out, cfg.seg, ds.class_names)
+    trainer = build_trainer(cfg, out, cfg.seg.epochs, cfg.seg.max_steps, val_every=max(1, cfg.seg.val_every),
+                            callbacks=[keep], steps_per_epoch=len(loader))
+    fit(trainer, module, out, loader, val_loader)
+    if dist.is_main():
+        if keep.step >= 0:  # best-val weights become the round's model
+            load_weights(module.net, keep.out, "seg", ds.class_names)
+        export_net(module.net, out, "seg", cfg.seg, ds.class_names)
+    dist.barrier()
+    return {"steps": int(trainer.global_step), "loss": loss_name, "selected_step": keep.step,
+            "selected_val_miou_uses_gt": round(keep.best, 4) if keep.step >= 0 else None}
+
+
+def run(rd: RunDir) -> dict:
+    cfg = rd.cfg
+    rounds = cfg.cyclic.rounds
+    if rounds < 1:
+        log.info("cyclic: cyclic.rounds is 0, nothing to do")
+        return {}
+    last_model = round_dirs(rd, rounds)[1] / "model.safetensors"
+    if rd.is_done(STAGE, [last_model]):
+        log.info("cyclic: done for this config, skipping (--force to rerun)")
+        return rd.metrics(STAGE)
+    rd.reset_outputs_if_stale(STAGE, [d for k in range(1, rounds + 1) for d in round_dirs(rd, k)])
+    with rd.running(STAGE) as metrics:
+        configure_threads(cfg)
+        source = rd.sub("seg")
+        for k in range(1, rounds + 1):
+            masks, model = round_dirs(rd, k)
+            trained = (model / "model.safetensors").is_file()
+            if not trained:
+                computed = predict_masks(rd, source, masks)
+                log.info("cyclic round %d: %d masks predicted by %s (scales %s, flip %s, crf %s)", k, computed,
+                         source.name, list(cfg.cyclic.scales), cfg.cyclic.flip, cfg.cyclic.crf)
+            if masks.is_dir():
+                metrics.update(_mask_metrics(rd, masks, k))
+            if not trained:
+                if cfg.cyclic.selection == "best_val_uses_gt":
+                    result = train_best_val(rd, model, masks, cfg.cyclic.loss)
+                else:
+                    result = train_segmenter(rd, model, "pseudo", masks, cfg.cyclic.loss)
+                metrics[f"r{k}_train"] = result
+            source = model
+        metrics.update(rounds=rounds, selection=cfg.cyclic.selection, final_model=source.name)
+    return metrics
+
+
+def _mask_metrics(rd: RunDir, masks: Path, k: int) -> dict:
+    """Quality of round k's masks against the training split's GT, when it has any (reported only)."""
+    ds = split_dataset(rd.cfg, rd.cfg.data.train_split)
+    if not (ds.has_masks and dist.is_main()):
+        return {}
+    ids = ds.ids
+    if rd.cfg.pseudo.quality_split:
+        keep = set(split_dataset(rd.cfg, rd.cfg.pseudo.quality_split).ids)
+        ids = [sid for sid in ids if sid in keep]
+    if not ids:
+        return {}
+    quality, _ = mask_quality(masks, ds, ids)
+    log.info("cyclic round %d: mask mIoU %.2f on %d training images", k, 100 * quality.miou, len(ids))
+    return {f"r{k}_pseudo_miou": round(quality.miou, 4)}
+
+
+if __name__ == "__main__":
+    stage_main(STAGE, run, __doc__)
