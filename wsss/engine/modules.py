@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
@@ -109,7 +110,7 @@ class SegModule(L.LightningModule):
         for sample in batch:
             probs = segment_probs(self, sample["image"], scales=(1.0,), flip=False)
             pred = probs.argmax(0)
-            self.val_confusion.update(pred.flatten(), torch.as_tensor(sample["mask"], device=pred.device).long().flatten())
+            self.val_confusion.update(pred.flatten(), torch.from_numpy(np.array(sample["mask"], dtype=np.int64)).to(pred.device).flatten())
 
     def on_validation_epoch_end(self) -> None:
         matrix = self.val_confusion.compute().cpu().numpy()
