@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -62,7 +60,7 @@ def naive(net, norm, samples, scales, flip):
     """Per image, per scale, per flip: one forward each (the reference)."""
     out = []
     for img, labels in samples:
-        x0 = norm(torch.from_numpy(img).permute(2, 0, 1)[None].float())
+        x0 = norm(torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float())
         h, w = x0.shape[-2:]
         present = torch.nonzero(torch.from_numpy(labels) > 0.5).flatten()
         acc = torch.zeros((len(present), h, w))
@@ -160,8 +158,7 @@ def memory(args) -> dict:
             if res.returncode:
                 raise SystemExit(res.stderr[-3000:])
             peak = int(next(line.split()[1] for line in res.stdout.splitlines() if line.startswith("PEAK_KB")))
-            workers_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-            out[n] = {"peak_rss_mb": peak / 1024, "seconds": time.perf_counter() - t, "largest_child_rss_mb": workers_peak / 1024}
+            out[n] = {"peak_rss_mb": peak / 1024, "seconds": time.perf_counter() - t}
     out["ratio_500_vs_50"] = out[500]["peak_rss_mb"] / out[50]["peak_rss_mb"]
     return out
 

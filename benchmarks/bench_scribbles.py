@@ -300,18 +300,24 @@ def _table(title: str, runs: dict[str, dict], pce: str, dense: str, full: str) -
         print(f"    {r['cmd']}")
 
 
+def _run_rows(rows: dict, budget: list[str], prefix: str, root: Path, only: list[str]) -> dict:
+    """Run every row (recipe + its overrides) with the same budget; rows named in `only` if given."""
+    runs = {}
+    for i, (name, (recipe, ov)) in enumerate(rows.items()):
+        if only and not any(o.lower() in name.lower() for o in only):
+            continue
+        runs[name] = _run(recipe, [*budget, *ov], f"{prefix}_{i}", root)
+        print(f"<!-- {name}: {runs[name]['miou']:.4f} in {runs[name]['seconds']:.0f} s -->", flush=True)
+    return runs
+
+
 def part_accuracy(args: argparse.Namespace) -> None:
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
     if "shapes" in args.sets:
         data = [f"data.root={root / 'shapes_data'}", f"trainer.num_workers={args.workers}",
                 f"seg.epochs={args.shapes_epochs}", f"trainer.threads={args.threads}"]
-        runs = {}
-        for i, (name, (recipe, ov)) in enumerate(SHAPES_RUNS.items()):
-            if args.only and not any(o.lower() in name.lower() for o in args.only):
-                continue
-            runs[name] = _run(recipe, [*data, *ov], f"shapes_{i}", root)
-            print(f"<!-- {name}: {runs[name]['miou']:.4f} in {runs[name]['seconds']:.0f} s -->", flush=True)
+        runs = _run_rows(SHAPES_RUNS, data, "shapes", root, args.only)
         _table(f"Accuracy on `shapes` (scribbles simulated from GT; 300 train / 100 val, 96 px; tiny ViT from scratch "
                f"(shapes_scribble_dfr.yaml's network) for every row, {args.shapes_epochs} epochs of batch 16)",
                runs, "pCE", "pCE + DenseCRF loss", "full supervision (GT masks, CE)")
@@ -319,12 +325,7 @@ def part_accuracy(args: argparse.Namespace) -> None:
         budget = [f"data.root={VOC}", f"seg.max_steps={args.voc_steps}", f"seg.crop_size={args.voc_crop}",
                   f"seg.encoder.frozen_stages={args.voc_frozen}", f"trainer.num_workers={args.workers}",
                   f"trainer.threads={args.threads}"]
-        runs = {}
-        for i, (name, (recipe, ov)) in enumerate(VOC_RUNS.items()):
-            if args.only and not any(o.lower() in name.lower() for o in args.only):
-                continue
-            runs[name] = _run(recipe, [*budget, *ov], f"voc12mini_{i}", root)
-            print(f"<!-- {name}: {runs[name]['miou']:.4f} in {runs[name]['seconds']:.0f} s -->", flush=True)
+        runs = _run_rows(VOC_RUNS, budget, "voc12mini", root, args.only)
         _table(f"Accuracy on voc12-mini (real VOC images, scribbles SIMULATED from GT; 330 train / 200 val; "
                f"{args.voc_steps} steps of batch 8, crop {args.voc_crop}, frozen stages {args.voc_frozen})",
                runs, "pCE", "pCE + DenseCRF loss", "full supervision (GT masks, CE)")

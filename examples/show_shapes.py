@@ -1,6 +1,6 @@
 """Draw a grid of the synthetic `shapes` set: image | ground truth | saliency | scribbles.
 
-    python examples/show_shapes.py docs/images/shapes.png
+    python examples/show_shapes.py docs/images/shapes.jpg
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def main(out: str, rows: int = 4, cols: int = 3, size: int = 96, zoom: int = 2) 
         lines.append(np.full((3, lines[-1].shape[1], 3), 255, np.uint8))
     grid = np.concatenate(lines[:-1], 0)
     grid = cv2.resize(grid, None, fx=zoom, fy=zoom, interpolation=cv2.INTER_NEAREST)
-    cv2.imwrite(out, grid[..., ::-1])
+    cv2.imwrite(out, grid[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 88])  # ignored for PNG
     print(f"wrote {out} ({grid.shape[1]}x{grid.shape[0]})")
 
 

@@ -11,6 +11,18 @@ from PIL import Image
 
 from wsss.io.images import write_index_png
 
+@pytest.fixture
+def one_torch_thread():
+    """Run a test single-threaded: on a shared 2-core machine OpenMP's spin-waiting makes many tiny
+    tensor ops (CRF, lattice filtering) several times slower with two threads (docs/methods/crf.md)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # ---- data sets ---------------------------------------------------------------------------------
 
 H, W = 8, 10  # every tiny test image is 8 x 10

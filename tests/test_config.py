@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
 
 from wsss.config import CONFIG_DIR, load_recipe, parse_override, section_hash, to_yaml
 from wsss.errors import ConfigError

@@ -13,14 +13,8 @@ from wsss.crf import CRFParams, DenseCRF, dense_crf, dense_crf_batch, unary_from
 from wsss.crf.presets import PRESETS
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    # The CRF is many small tensor ops; on a shared 2-core machine OpenMP's spin-waiting makes two
-    # threads several times slower than one (docs/methods/crf.md), so the tests run single-threaded.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# The CRF and these losses are many small tensor ops: one thread is faster and steadier (conftest).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _scene(h: int = 30, w: int = 40, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -15,14 +15,8 @@ from wsss.crf.lattice import LatticeFilterFunction, PermutohedralLattice, lattic
 VOC = Path(__file__).parents[2] / "shared" / "data" / "voc12-mini" / "VOC2012"
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    # The CRF is many small tensor ops; on a shared 2-core machine OpenMP's spin-waiting makes two
-    # threads several times slower than one (docs/methods/crf.md), so the tests run single-threaded.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# The CRF and these losses are many small tensor ops: one thread is faster and steadier (conftest).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # Tolerances. A permutohedral lattice is an approximation of the Gaussian: it splats to the d+1
 # corners of the enclosing simplex, blurs with a 3-tap kernel per lattice direction and slices by

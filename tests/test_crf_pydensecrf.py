@@ -24,14 +24,8 @@ VOC = Path(__file__).parents[2] / "shared" / "data" / "voc12-mini" / "VOC2012"
 needs_voc = pytest.mark.skipif(not VOC.is_dir(), reason="needs ../shared/data/voc12-mini")
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    # The CRF is many small tensor ops; on a shared 2-core machine OpenMP's spin-waiting makes two
-    # threads several times slower than one (docs/methods/crf.md), so the tests run single-threaded.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# The CRF and these losses are many small tensor ops: one thread is faster and steadier (conftest).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def reference_crf(img: np.ndarray, probs: np.ndarray, p: CRFParams) -> np.ndarray:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from wsss.metrics import ConfusionMatrix, SegMetrics, cam_labels
+from wsss.metrics import ConfusionMatrix, cam_labels
 
 
 def test_hand_computed_iou_precision_recall():

@@ -24,13 +24,8 @@ from wsss.pseudo.ppmg import make_ppmg_generator, ppmg_labels, proportional_labe
 from wsss.pseudo.threshold import threshold_mask
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    # Many tiny tensor ops (CRF): on the shared 2-core machine one thread is faster and steadier.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# The CRF and these losses are many small tensor ops: one thread is faster and steadier (conftest).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---- CoV smoothing (§1.5) ----------------------------------------------------------------------

@@ -17,13 +17,8 @@ from wsss.losses.dfr import (DFRLoss, consistency_loss, grid_shape, joint_kernel
 from wsss.losses.regularized import build_regularizer
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    # Tiny tensors: on a shared 2-core machine OpenMP's spin-waiting makes 2 threads much slower than 1.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# The CRF and these losses are many small tensor ops: one thread is faster and steadier (conftest).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _image(b: int = 2, h: int = 12, w: int = 14, seed: int = 0) -> torch.Tensor:

@@ -12,7 +12,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -216,7 +216,7 @@ class SegConfig(TrainConfig):
     epochs: int = 10
     batch_size: int = 8
     scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
-    arch: str = "deeplabv3plus"  # any segmentation_models_pytorch architecture name
+    arch: str = "deeplabv3plus"  # any segmentation_models_pytorch architecture name, or "vitseg" (timm ViT + light decoder)
     arch_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to smp (e.g. decoder_atrous_rates)
     encoder: BackboneConfig = field(default_factory=BackboneConfig)
     aux_weight: float = 0.0  # > 0: an FCN auxiliary head on the encoder's second-to-last stage

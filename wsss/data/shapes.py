@@ -29,7 +29,6 @@ import cv2
 import numpy as np
 
 from wsss.data.base import SegDataset, read_id_list
-from wsss.io import atomic
 from wsss.io.images import encode_index_png
 
 log = logging.getLogger(__name__)

@@ -108,6 +108,8 @@ def build_trainer(cfg: DictConfig, out_dir: Path, epochs: int, max_steps: int, v
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*The number of training batches.*")
     warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
+    # frozen stages and frozen BatchNorm are kept in eval mode on purpose (backbones.freeze)
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")
     io = AtomicCheckpointIO()
     trainer = L.Trainer(
         accelerator=accelerator(cfg), devices=devices, num_nodes=num_nodes, strategy=strategy,

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsss.errors import ConfigError
-from wsss.models.backbones import LITE0_ARCH, create_backbone, freeze_stages, lite0_pypi_state_dict, load_matching, \
+from wsss.models.backbones import LITE0_ARCH, freeze_stages, lite0_pypi_state_dict, load_matching, \
     load_state_dict_file, set_bn_eval
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Sequence
 
-import numpy as np
 
 from wsss.cam.store import read_cams
 from wsss.data.base import SegDataset

@@ -9,7 +9,6 @@ import functools
 import logging
 import sys
 from collections import defaultdict
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np

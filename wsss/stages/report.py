@@ -32,7 +32,6 @@ THUMB = 160
 
 
 def run(rd: RunDir) -> dict:
-    cfg = rd.cfg
     with rd.running(STAGE) as metrics:  # always rebuilt: it is cheap and reflects the whole run
         if not dist.is_main():
             return metrics
