@@ -36,3 +36,36 @@ def test_coco14_recipe_on_a_tiny_coco(tmp_path: Path):
     stages = _stages(tmp_path / "runs" / "coco14_cam")
     assert all(v["status"] == "done" for v in stages.values())
     assert stages["evaluate"]["metrics"]["images"] > 0
+
+
+PMM_SMALL = [s for s in SMALL if s != "pseudo.crf=false"] + [
+    "cam_infer.multicrop.scales=[0.5]", "cam_infer.multicrop.crop_size=96", "cam_infer.multicrop.stride=64",
+    "cyclic.scales=[0.5]", "cyclic.crf=false", "data.max_images=3", "trainer.threads=1"]
+
+
+def test_voc12mini_pmm_recipe_on_voc12_mini(voc_mini: Path, tmp_path: Path):
+    """The CPU PMM recipe on real images: SEAM CAMs, multi-crop, CoV + PPMG (with its CRF), PUF, one cyclic round."""
+    main(["run", "configs/voc12mini_pmm.yaml", f"run.root={tmp_path}", f"data.root={voc_mini}", *PMM_SMALL])
+    stages = _stages(tmp_path / "voc12mini_pmm")
+    assert [s for s, v in stages.items() if v["status"] == "done"] == \
+        ["train_cam", "cam", "pseudo", "train_seg", "cyclic", "evaluate", "report"]
+    assert len(list((tmp_path / "voc12mini_pmm" / "pseudo_r1").glob("*.png"))) == 3
+
+
+def test_coco14_pmm_recipe_on_a_tiny_coco(tmp_path: Path):
+    from test_data_coco import make_coco
+
+    root = tmp_path / "coco"
+    make_coco(root, "train2014")
+    make_coco(root, "val2014")
+    main(["run", "configs/coco14_pmm.yaml", f"run.root={tmp_path / 'runs'}", f"data.root={root}", *PMM_SMALL])
+    stages = _stages(tmp_path / "runs" / "coco14_pmm")
+    assert all(v["status"] == "done" for v in stages.values()) and stages["evaluate"]["metrics"]["images"] > 0
+
+
+def test_voc12mini_scribble_recipe_on_voc12_mini(voc_mini: Path, tmp_path: Path):
+    """Simulated scribbles on real images, pCE + DenseCRF loss."""
+    main(["run", "configs/voc12mini_scribble_densecrf.yaml", f"run.root={tmp_path}", f"data.root={voc_mini}",
+          *SMALL, "data.max_images=3"])
+    stages = _stages(tmp_path / "voc12mini_scribble_densecrf")
+    assert all(v["status"] == "done" for v in stages.values()) and stages["evaluate"]["metrics"]["images"] == 3
