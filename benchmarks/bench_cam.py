@@ -1,20 +1,24 @@
 """CAM inference benchmark, on real VOC images (../shared/data/voc12-mini).
 
-1. Speed: wsss's batched multi-scale + flip inference (`wsss.cam.infer.multiscale_cams`: images of
-   equal size and their flips share one forward per scale, channels_last, inference_mode) against a
-   naive loop (per image, per scale, per flip: one forward each; IRN-style), same network, same
-   scales, in the same run. Prints images/s of each, the ratio and the largest output difference.
+1. Speed: wsss's multi-scale + flip inference (`wsss.cam.infer.multiscale_cams`: up to --batch-size
+   images of equal size and their flips share one forward per scale, inference_mode) with the torch
+   engine (NCHW and channels_last) and the ONNX Runtime engine (`cam_infer.engine: onnxruntime`),
+   against a naive loop (per image, per scale, per flip: one forward each), same network, same
+   scales, same threads, interleaved group by group in one process. Prints images/s, the speed-up
+   over the naive loop and the largest output difference.
 2. Memory (--memory): peak RSS of the real `cam` stage (`python -m wsss.stages.cam`) over 50 vs
    500 images, each in its own process; streaming means the two are close.
 
-    python benchmarks/bench_cam.py --images 40
-    python benchmarks/bench_cam.py --images 40 --memory
+    python benchmarks/bench_cam.py --images 40 --batch-size 1
+    python benchmarks/bench_cam.py --memory-only
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -76,11 +80,10 @@ def naive(net, norm, samples, scales, flip):
     return out
 
 
-def ours(net, norm, samples, scales, flip, batch_size, channels_last=True):
+def ours(cam_fn, norm, samples, scales, flip, batch_size, channels_last=False):
     """wsss: images grouped by size, flips batched, one forward per scale per group."""
     from wsss.cam.infer import multiscale_cams
 
-    net = net.to(memory_format=torch.channels_last) if channels_last else net
     by_size: dict = {}
     for k, (img, _) in enumerate(samples):
         by_size.setdefault(img.shape[:2], []).append(k)
@@ -92,9 +95,13 @@ def ours(net, norm, samples, scales, flip, batch_size, channels_last=True):
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             labels = torch.from_numpy(np.stack([samples[k][1] for k in idx]))
-            for k, (_, maps) in zip(idx, multiscale_cams(lambda t: net(t)["cams"], x, labels, scales, flip)):
+            for k, (_, maps) in zip(idx, multiscale_cams(cam_fn, x, labels, scales, flip)):
                 out[k] = maps
     return out
+
+
+VARIANTS = {"naive": "naive loop (per image, scale, flip)", "ours_nchw": "wsss batched, torch NCHW",
+            "ours_channels_last": "wsss batched, torch channels_last", "ours_onnxruntime": "wsss batched, ONNX Runtime"}
 
 
 def speed(args) -> dict:
@@ -102,23 +109,48 @@ def speed(args) -> dict:
     _, samples = _voc(args.images)
     net, norm = _net(args.backbone, args.weights, args.output_stride)
     scales = [float(s) for s in args.scales.split(",")]
-    ours(net, norm, samples[:2], scales, True, args.batch_size)  # warm-up (allocator, kernels)
-    net = net.to(memory_format=torch.contiguous_format)
-    results = {}
-    for name, fn in (("naive", lambda: naive(net, norm, samples, scales, True)),
-                     ("ours", lambda: ours(net, norm, samples, scales, True, args.batch_size)),
-                     ("ours_nchw", lambda: ours(net, norm, samples, scales, True, args.batch_size, channels_last=False))):
-        net = net.to(memory_format=torch.contiguous_format)
+    net_cl = copy.deepcopy(net).to(memory_format=torch.channels_last)
+    runs = {"naive": lambda some: naive(net, norm, some, scales, True),
+            "ours_nchw": lambda some: ours(lambda t: net(t)["cams"], norm, some, scales, True, args.batch_size),
+            "ours_channels_last": lambda some: ours(lambda t: net_cl(t)["cams"], norm, some, scales, True,
+                                                    args.batch_size, channels_last=True)}
+    export_seconds = None
+    try:
+        from wsss.cam.onnx_engine import onnx_cam_fn
+
         t = time.perf_counter()
-        outputs = fn()
-        results[name] = (time.perf_counter() - t, outputs)
-    diff = max(float((a - b).abs().max()) if a.numel() else 0.0 for a, b in zip(results["naive"][1], results["ours"][1]))
+        ort_fn = onnx_cam_fn(net, lambda t: net(t)["cams"], torch.get_num_threads())
+        export_seconds = time.perf_counter() - t
+        runs["ours_onnxruntime"] = lambda some: ours(ort_fn, norm, some, scales, True, args.batch_size)
+    except RuntimeError as e:  # onnxruntime not installed
+        print(f"skipping ONNX Runtime: {e}")
+    # Interleaved: each group of equal-size images (the batches wsss makes) goes through every variant,
+    # in an order that rotates from group to group, so a change in machine load hits all variants alike.
+    by_size: dict = {}
+    for img, labels in samples:
+        by_size.setdefault(img.shape[:2], []).append((img, labels))
+    groups = [members[i : i + args.batch_size] for members in by_size.values()
+              for i in range(0, len(members), args.batch_size)]
+    names = list(runs)
+    for name in names:
+        runs[name](samples[:2])  # warm-up (allocator, kernels)
+    seconds = dict.fromkeys(names, 0.0)
+    outputs: dict = {name: [] for name in names}
+    for g, group in enumerate(groups):
+        for name in names[g % len(names):] + names[: g % len(names)]:
+            t = time.perf_counter()
+            outputs[name] += runs[name](group)
+            seconds[name] += time.perf_counter() - t
+    results = {name: (seconds[name], outputs[name]) for name in names}
     sizes = {img.shape[:2] for img, _ in samples}
     report = {"images": len(samples), "distinct_sizes": len(sizes), "scales": scales, "flip": True,
               "backbone": args.backbone, "output_stride": args.output_stride, "threads": torch.get_num_threads(),
-              "naive_img_per_s": len(samples) / results["naive"][0], "ours_img_per_s": len(samples) / results["ours"][0],
-              "ours_nchw_img_per_s": len(samples) / results["ours_nchw"][0], "max_abs_diff": diff}
-    report["speedup"] = report["ours_img_per_s"] / report["naive_img_per_s"]
+              "onnx_export_seconds": export_seconds, "img_per_s": {}, "speedup_vs_naive": {}, "max_abs_diff_vs_naive": {}}
+    for name, (seconds, outputs) in results.items():
+        report["img_per_s"][name] = len(samples) / seconds
+        report["speedup_vs_naive"][name] = results["naive"][0] / seconds
+        report["max_abs_diff_vs_naive"][name] = max(float((a - b).abs().max()) if a.numel() else 0.0
+                                                    for a, b in zip(results["naive"][1], outputs))
     return report
 
 
@@ -148,10 +180,11 @@ def memory(args) -> dict:
             from wsss.data.classes import VOC_CLASSES
 
             export_net(net, rd.sub("cam"), "cam", cfg.cam, VOC_CLASSES)
-            code = ("import resource, sys, runpy; sys.argv=['cam', %r] + %r; "
+            code = ("import sys; sys.argv=['cam', %r] + %r; "
                     "from wsss.stages import cam; from wsss.stages.common import open_run; "
                     "cam.run(open_run(%r, %r)); "
-                    "print('PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)") % (
+                    # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across fork + exec (the parent's peak)
+                    "print('PEAK_KB', [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])") % (
                         str(REPO / "configs" / "voc12mini_cam.yaml"), overrides, str(REPO / "configs" / "voc12mini_cam.yaml"), overrides)
             t = time.perf_counter()
             res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
@@ -173,16 +206,24 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--memory", action="store_true", help="also measure peak memory of the cam stage, 50 vs 500 images")
+    p.add_argument("--memory-only", action="store_true", help="only the memory measurement")
     args = p.parse_args()
     if not VOC.is_dir():
         raise SystemExit(f"{VOC} not found")
-    r = speed(args)
-    print(json.dumps(r, indent=1))
-    print(f"\nCAM inference, {r['images']} voc12-mini images ({r['distinct_sizes']} sizes), scales {r['scales']} + flip, "
-          f"{r['backbone']} OS{r['output_stride']}, {r['threads']} threads")
-    print(f"| method | images/s |\n|---|---|\n| naive loop (per image, scale, flip) | {r['naive_img_per_s']:.2f} |\n"
-          f"| wsss batched, NCHW | {r['ours_nchw_img_per_s']:.2f} |\n| wsss batched, channels_last | {r['ours_img_per_s']:.2f} |")
-    print(f"speed-up {r['speedup']:.2f}x; largest |difference| between outputs {r['max_abs_diff']:.2e}")
+    if args.memory_only:
+        args.memory = True
+    else:
+        r = speed(args)
+        print(json.dumps(r, indent=1))
+        print(f"\nCAM inference, {r['images']} voc12-mini images ({r['distinct_sizes']} sizes), scales {r['scales']} + flip, "
+              f"{r['backbone']} OS{r['output_stride']}, {r['threads']} torch/ORT threads, load average {os.getloadavg()[0]:.1f}")
+        print("| method | images/s | speed-up vs naive | largest abs. difference vs naive (maps in [0, 1]) |\n|---|---|---|---|")
+        for name, label in VARIANTS.items():
+            if name in r["img_per_s"]:
+                print(f"| {label} | {r['img_per_s'][name]:.3f} | {r['speedup_vs_naive'][name]:.2f}x | "
+                      f"{r['max_abs_diff_vs_naive'][name]:.1e} |")
+        if r["onnx_export_seconds"] is not None:
+            print(f"(ONNX export + session creation, once per stage: {r['onnx_export_seconds']:.1f} s, not in the times above)")
     if args.memory:
         m = memory(args)
         print(json.dumps(m, indent=1))

@@ -19,7 +19,6 @@ import argparse
 import hashlib
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -45,7 +44,8 @@ def worker(stage: str, overrides: list[str]) -> None:
     start = time.perf_counter()
     importlib.import_module(f"wsss.stages.{stage}").run(rd)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM of this process (ru_maxrss would include the launcher's peak: Linux keeps it across exec)
+    peak = int(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM"))) / 1024
     print("BENCH " + json.dumps({"rank": dist.rank(), "seconds": seconds, "peak_rss_mb": peak}), flush=True)
 
 

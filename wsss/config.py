@@ -124,6 +124,7 @@ class CamInferConfig:
     flip: bool = True
     batch_size: int = 8  # images of equal size per forward
     output: str = "cam"  # cam | cam_rv (PCM-refined, seam objective only)
+    engine: str = "torch"  # torch | onnxruntime (CPU only: the network exported once; faster forward on CPU)
     multicrop: MultiCropConfig = field(default_factory=MultiCropConfig)
 
 
@@ -299,6 +300,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.scribbles.source": ("dataset", "simulate"),
     "cam.objective": ("mlsm", "seam"),
     "cam_infer.mode": ("multiscale", "multicrop"),
+    "cam_infer.engine": ("torch", "onnxruntime"),
     "cam_infer.output": ("cam", "cam_rv"),
     "pseudo.method": ("threshold", "ppmg"),
     "seg.labels": ("pseudo", "gt", "scribble"),

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from wsss.cam.infer import CamFn
 from wsss.cam.store import write_cams
 from wsss.engine import dist
 
@@ -92,18 +93,10 @@ def multicrop_cams(cam_fn: Callable[[torch.Tensor], torch.Tensor], image: torch.
     return ((mean - lo) / (hi - lo + 1e-5)).clamp(0, 1)
 
 
-def run_multicrop(net: torch.nn.Module, norm: torch.nn.Module, ds: Any, todo: Sequence[str], out_dir: Path,
+def run_multicrop(cam_fn: CamFn, norm: torch.nn.Module, ds: Any, todo: Sequence[str], out_dir: Path,
                   cfg: Any, device: torch.device) -> None:
     """The cam stage's multi-crop path: write `out_dir/<id>.npz` for every id in `todo` (this rank's share)."""
     mc = cfg.cam_infer.multicrop
-    channels_last = cfg.cam.backbone.channels_last
-    output = cfg.cam_infer.output
-
-    def cam_fn(x: torch.Tensor) -> torch.Tensor:
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return net.infer_cams(x, output) if cfg.cam.objective == "seam" else net(x)["cams"]
-
     for sid in tqdm(todo, desc="cam (multi-crop)", disable=None if dist.is_main() else True, leave=False):
         sample = ds.load(sid, ("image", "labels"))
         image = norm(torch.tensor(sample["image"], device=device).permute(2, 0, 1)[None].float())[0]

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from wsss.cam.infer import multiscale_cams
+from wsss.cam.infer import CamFn, multiscale_cams
 from wsss.cam.store import write_cams
 from wsss.data.transforms import Normalizer
 from wsss.engine import dist
@@ -65,19 +65,16 @@ def run(rd: RunDir) -> dict:
         todo = [sid for g in groups for sid in g]
         if len(todo) < sum(map(len, mine)):
             log.info("cam: resuming, %d of %d images already done", sum(map(len, mine)) - len(todo), sum(map(len, mine)))
+        cam_fn = cam_function(net, cfg, device)
         start = time.time()
         if cfg.cam_infer.mode == "multicrop":
             from wsss.cam.multicrop import run_multicrop
 
-            run_multicrop(net, norm, ds, todo, out, cfg, device)
+            run_multicrop(cam_fn, norm, ds, todo, out, cfg, device)
         else:
-            cam_fn = cam_function(net, cfg)
-            channels_last = cfg.cam.backbone.channels_last
             bar = tqdm(total=len(todo), desc="cam", disable=None if dist.is_main() else True, leave=False)
             for samples in iterate_groups(ds, groups, cfg.trainer.num_workers):
                 x = norm(stack_images(samples, device))
-                if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
                 labels = torch.from_numpy(np.stack([s["labels"] for s in samples])).to(device)
                 for s, (classes, maps) in zip(samples, multiscale_cams(cam_fn, x, labels, cfg.cam_infer.scales, cfg.cam_infer.flip)):
                     write_cams(out / f"{s['id']}.npz", classes, maps.cpu().numpy())
@@ -97,11 +94,23 @@ def run(rd: RunDir) -> dict:
     return metrics
 
 
-def cam_function(net: torch.nn.Module, cfg) -> callable:
-    """normalised images -> raw foreground CAMs (N, K, h, w) for the configured output."""
+def cam_function(net: torch.nn.Module, cfg, device: torch.device = torch.device("cpu")) -> CamFn:
+    """normalised images (N, 3, H, W) -> raw foreground CAMs (N, K, h, w): the configured output and engine."""
     if cfg.cam.objective == "seam":
-        return lambda x: net.infer_cams(x, cfg.cam_infer.output)
-    return lambda x: net(x)["cams"]
+        def cams(x: torch.Tensor) -> torch.Tensor:
+            return net.infer_cams(x, cfg.cam_infer.output)
+    else:
+        def cams(x: torch.Tensor) -> torch.Tensor:
+            return net(x)["cams"]
+    if cfg.cam_infer.engine == "onnxruntime":
+        if device.type == "cpu":
+            from wsss.cam.onnx_engine import onnx_cam_fn
+
+            return onnx_cam_fn(net, cams, torch.get_num_threads())
+        log.warning("cam: cam_infer.engine=onnxruntime runs on CPU only; using torch on %s", device)
+    if cfg.cam.backbone.channels_last:
+        return lambda x: cams(x.contiguous(memory_format=torch.channels_last))
+    return cams
 
 
 if __name__ == "__main__":
