@@ -1,5 +1,5 @@
 # Two entry points, each creating .venv on first use:
-#   make demo   install, then run the whole pipeline on the built-in synthetic set (~10 min on 2 CPU cores)
+#   make demo   install, then run the whole pipeline on the built-in synthetic set (~4 min install + ~8 min run on 2 CPU cores)
 #   make test   install (plus test-only tools), then run the test suite
 PYTHON ?= python3
 VENV ?= .venv

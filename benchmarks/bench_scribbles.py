@@ -300,11 +300,19 @@ def _table(title: str, runs: dict[str, dict], pce: str, dense: str, full: str) -
         print(f"    {r['cmd']}")
 
 
+def _selects(pattern: str, name: str, rows: dict) -> bool:
+    """--only: a pattern equal to a row's name selects that row only, otherwise every row containing it."""
+    p = pattern.lower()
+    if any(p == r.lower() for r in rows):
+        return p == name.lower()
+    return p in name.lower()
+
+
 def _run_rows(rows: dict, budget: list[str], prefix: str, root: Path, only: list[str]) -> dict:
     """Run every row (recipe + its overrides) with the same budget; rows named in `only` if given."""
     runs = {}
     for i, (name, (recipe, ov)) in enumerate(rows.items()):
-        if only and not any(o.lower() in name.lower() for o in only):
+        if only and not any(_selects(o, name, rows) for o in only):
             continue
         runs[name] = _run(recipe, [*budget, *ov], f"{prefix}_{i}", root)
         print(f"<!-- {name}: {runs[name]['miou']:.4f} in {runs[name]['seconds']:.0f} s -->", flush=True)
@@ -339,7 +347,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--crop", type=int, default=320)
     p.add_argument("--sets", nargs="+", default=["shapes", "voc12mini"], choices=["shapes", "voc12mini"])
-    p.add_argument("--only", nargs="*", default=[], help="accuracy: run only the runs whose name contains one of these")
+    p.add_argument("--only", nargs="*", default=[], help="accuracy: run only these runs (a run's exact name, or a part of names)")
     p.add_argument("--root", default="/tmp/bench_scribbles")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--shapes-epochs", type=int, default=6)
