@@ -8,6 +8,7 @@ Rows (same CAMs, seeds, segmenter and budget in every row; only the named compon
   4. + PUF                    row 3's masks, segmenter with PUF (main and aux heads)
   5. + 1 cyclic round         row 4's segmenter predicts train (MS + flip + CRF), fresh segmenter with CE
   -  fully supervised         the same segmenter on ground-truth masks, CE
+  (--nocov-segmenters adds CE and PUF segmenters on the PPMG-without-CoV masks)
 For each row: pseudo-mask mIoU on the training split and segmenter mIoU on the validation split
 (the recipe's eval protocol). Every row is a run directory under --root; the CAM network and CAMs are
 computed once per data set (run `cam/`) and shared through a `cams` symlink, row 4 reads row 3's masks
@@ -55,6 +56,13 @@ ROWS: list[tuple[str, str, list[str], str, dict[str, str]]] = [
     ("cyclic", "+ 1 cyclic round (CE)", PPMG + ["seg.loss.name=puf", "cyclic.rounds=1", "cyclic.loss=ce"],
      "[cyclic, evaluate]", {"seg": "ppmg_puf"}),
     ("full", "fully supervised (GT masks, CE)", ["seg.labels=gt", "seg.loss.name=ce"], "[train_seg, evaluate]", {}),
+]
+# --nocov-segmenters: segmenters on the "PPMG without CoV" masks too (the best masks of the baseline CAMs)
+NOCOV_ROWS: list[tuple[str, str, list[str], str, dict[str, str]]] = [
+    ("ppmg_nocov_ce", "PPMG without CoV, CE", PPMG_NO_COV + ["seg.loss.name=ce"], "[train_seg, evaluate]",
+     {"pseudo": "ppmg_nocov"}),
+    ("ppmg_nocov_puf", "PPMG without CoV, PUF", PPMG_NO_COV + ["seg.loss.name=puf"], "[train_seg, evaluate]",
+     {"pseudo": "ppmg_nocov"}),
 ]
 
 
@@ -133,7 +141,8 @@ def bench(args: argparse.Namespace, data: str) -> dict[str, Any]:
           f"({cam_stages['cam']['metrics'].get('images_per_second')} img/s)", flush=True)
     results: dict[str, Any] = {"recipe": str(recipe.relative_to(REPO)), "overrides": common, "data": data_version(data),
                                "dir": str(root), "rows": {}}
-    for name, label, overrides, stages, links in ROWS:
+    rows = ROWS[:4] + (NOCOV_ROWS if args.nocov_segmenters else []) + ROWS[4:]
+    for name, label, overrides, stages, links in rows:
         if args.masks_only:  # CAM / pseudo-mask comparisons without training segmenters
             if "pseudo" not in stages:
                 continue
@@ -146,6 +155,8 @@ def bench(args: argparse.Namespace, data: str) -> dict[str, Any]:
                 row.pop(key, None)
         if name == "ppmg_puf":  # trained on row 3's masks
             row["pseudo_miou"] = results["rows"]["ppmg_ce"].get("pseudo_miou")
+        if name.startswith("ppmg_nocov_"):  # trained on the masks-only row's masks
+            row["pseudo_miou"] = results["rows"]["ppmg_nocov"].get("pseudo_miou")
         row.update(label=label, seconds=round(seconds[name], 1))
         results["rows"][name] = row
         print(f"{label:34s} pseudo mIoU (train) {_pct(row.get('pseudo_miou'))}   "
@@ -206,6 +217,8 @@ def main() -> None:
     parser.add_argument("--cam", choices=["pmm", "baseline"], default="pmm",
                         help="pmm: the recipe's SEAM objective + multi-crop inference; baseline: MLSM + multi-scale")
     parser.add_argument("--masks-only", action="store_true", help="only the pseudo-mask rows (no segmenters)")
+    parser.add_argument("--nocov-segmenters", action="store_true",
+                        help="also train segmenters (CE and PUF) on the PPMG-without-CoV masks")
     parser.add_argument("--fresh", action="store_true", help="delete previous run directories of these data sets")
     args = parser.parse_args()
     args.root = args.root.resolve()
