@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from wsss.cli import main
-from wsss.io.atomic import TMP_PREFIX
+from wsss.io.atomic import TMP_PREFIX, finished_files
 from wsss.io.images import read_index_png
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,11 +71,6 @@ def _manifest(run: Path) -> dict:
     return json.loads((run / "manifest.json").read_text())
 
 
-def _finished(folder: Path, ext: str) -> list[Path]:
-    """Final files only: pathlib's `*` also matches the hidden `.tmp-*` files of writes in progress."""
-    return sorted(p for p in folder.glob(f"*.{ext}") if not p.name.startswith(TMP_PREFIX))
-
-
 def _temporaries(run: Path) -> list[Path]:
     return list(run.rglob(f"{TMP_PREFIX}*"))
 
@@ -101,8 +96,8 @@ def test_sigkill_then_rerun_resumes_cam_and_pseudo_bit_identical(reference, caps
     for stage, sub, ext, first in (("cam", "cams", "npz", 4), ("pseudo", "pseudo", "png", 1)):
         k = rng.randint(first, 16)  # kill once this many of the 24 files exist
         proc = _start(_args(tmp, stage, "killed"), tmp / f"{stage}.log", slow=0.1)
-        _stop_when(proc, lambda: len(_finished(run / sub, ext)) >= k, signal.SIGKILL, tmp / f"{stage}.log")
-        done = _finished(run / sub, ext)
+        _stop_when(proc, lambda: len(finished_files(run / sub, f"*.{ext}")) >= k, signal.SIGKILL, tmp / f"{stage}.log")
+        done = finished_files(run / sub, f"*.{ext}")
         assert k <= len(done) < 24, f"{stage}: killed after {len(done)} files [seed {SEED}]"
         assert _manifest(run)["stages"][stage]["status"] == "running"  # SIGKILL: nothing could record it
         capsys.readouterr()
@@ -230,5 +225,22 @@ def test_crf_folder_rerun_cleans_temporaries_and_completes(tmp_path):
         write_cams(cams / f"{sid}.npz", np.array([1]), np.random.default_rng(i).random((1, 16, 16)).astype(np.float32))
     out.mkdir()
     (out / f"{TMP_PREFIX}abc.png").write_bytes(b"\x89PNG half")  # what a killed writer leaves
+    (cams / f"{TMP_PREFIX}def.npz").write_bytes(b"PK half")  # and a killed cam stage in the input folder
     main(["crf", "--cams", str(cams), "--images", str(images), "--output", str(out), "--iterations", "1"])
     assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]
+
+
+def test_eval_cam_folder_skips_half_written_cams(tmp_path, capsys):
+    """`wsss eval-cam --cams DIR` reads finished CAM files only, not a killed writer's temporaries."""
+    from PIL import Image
+
+    from wsss.cam.store import write_cams
+
+    cams, gt = tmp_path / "cams", tmp_path / "gt"
+    gt.mkdir()
+    for i, sid in enumerate(("a", "b")):
+        Image.fromarray(np.full((16, 16), i, dtype=np.uint8)).save(gt / f"{sid}.png")
+        write_cams(cams / f"{sid}.npz", np.array([1]), np.random.default_rng(i).random((1, 16, 16)).astype(np.float32))
+    (cams / f"{TMP_PREFIX}def.npz").write_bytes(b"PK half")
+    main(["eval-cam", "--cams", str(cams), "--gt", str(gt), "--num-classes", "2"])
+    assert "CAM seed mIoU" in capsys.readouterr().out

@@ -254,6 +254,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_eval_cam(args: argparse.Namespace) -> None:
+    from wsss.io import atomic
     from wsss.pseudo.quality import DEFAULT_THRESHOLDS, best_threshold, cam_threshold_sweep, sweep_table
 
     thresholds = [float(t) for t in args.thresholds.split(",") if t] or list(DEFAULT_THRESHOLDS)
@@ -263,7 +264,7 @@ def cmd_eval_cam(args: argparse.Namespace) -> None:
         from wsss.data.folder_masks import MaskFolder
 
         ds = MaskFolder(Path(args.gt), _class_names(args))
-        ids = [p.stem for p in sorted(Path(args.cams).glob("*.npz"))]
+        ids = [p.stem for p in atomic.finished_files(args.cams, "*.npz")]
         if not ids:
             raise WsssError(f"{args.cams}: no .npz CAM files")
         sweep = cam_threshold_sweep(Path(args.cams), ds, ids, thresholds, args.absent)
@@ -281,8 +282,6 @@ def cmd_eval_cam(args: argparse.Namespace) -> None:
     print(m.table(f"best background threshold {t:.2f}"))
     print(f"CAM seed mIoU {100 * m.miou:.2f} at threshold {t:.2f}")
     if args.json:
-        from wsss.io import atomic
-
         atomic.write_json(args.json, {f"{tt:.2f}": mm.to_dict() for tt, mm in sweep})
 
 

@@ -73,6 +73,11 @@ def write_with(path: str | Path, writer: Callable[[io.BufferedWriter], None]) ->
     write_bytes(path, buf.getvalue())
 
 
+def finished_files(directory: str | Path, pattern: str) -> list[Path]:
+    """Sorted files of `directory` matching `pattern`, without temporaries of writes in progress (`*` matches them)."""
+    return sorted(p for p in Path(directory).glob(pattern) if not p.name.startswith(TMP_PREFIX))
+
+
 def clean_temporaries(directory: str | Path) -> int:
     """Delete temporaries left by a killed writer in `directory` (recursively); return how many."""
     n = 0

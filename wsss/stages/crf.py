@@ -26,7 +26,7 @@ def refine_folder(cams_dir: Path, images_dir: Path, out_dir: Path, preset: str, 
     if not cams_dir.is_dir():
         raise DataError(cams_dir, "CAM folder not found")
     params = presets.resolve(OmegaConf.structured(CRFConfig(preset=preset, iterations=iterations)))
-    ids = sorted(p.stem for p in cams_dir.glob("*.npz"))
+    ids = [p.stem for p in atomic.finished_files(cams_dir, "*.npz")]
     if not ids:
         raise DataError(cams_dir, "no .npz CAM files")
     out_dir.mkdir(parents=True, exist_ok=True)
