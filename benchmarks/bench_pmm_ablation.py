@@ -141,7 +141,8 @@ def bench(args: argparse.Namespace, data: str) -> dict[str, Any]:
           f"({cam_stages['cam']['metrics'].get('images_per_second')} img/s)", flush=True)
     results: dict[str, Any] = {"recipe": str(recipe.relative_to(REPO)), "overrides": common, "data": data_version(data),
                                "dir": str(root), "rows": {}}
-    rows = ROWS[:4] + (NOCOV_ROWS if args.nocov_segmenters else []) + ROWS[4:]
+    after = [r[0] for r in ROWS].index("ppmg_nocov") + 1  # the extra rows read that row's masks
+    rows = ROWS[:after] + (NOCOV_ROWS if args.nocov_segmenters else []) + ROWS[after:]
     for name, label, overrides, stages, links in rows:
         if args.masks_only:  # CAM / pseudo-mask comparisons without training segmenters
             if "pseudo" not in stages:
@@ -153,10 +154,8 @@ def bench(args: argparse.Namespace, data: str) -> dict[str, Any]:
         if args.masks_only:  # a segmenter of an earlier full run may be in the manifest: not part of this run
             for key in ("seg_miou", "eval_protocol", "seg_steps"):
                 row.pop(key, None)
-        if name == "ppmg_puf":  # trained on row 3's masks
-            row["pseudo_miou"] = results["rows"]["ppmg_ce"].get("pseudo_miou")
-        if name.startswith("ppmg_nocov_"):  # trained on the masks-only row's masks
-            row["pseudo_miou"] = results["rows"]["ppmg_nocov"].get("pseudo_miou")
+        if "pseudo" in links:  # trained on another row's masks: report their quality
+            row["pseudo_miou"] = results["rows"][links["pseudo"]].get("pseudo_miou")
         row.update(label=label, seconds=round(seconds[name], 1))
         results["rows"][name] = row
         print(f"{label:34s} pseudo mIoU (train) {_pct(row.get('pseudo_miou'))}   "
