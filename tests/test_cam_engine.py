@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -17,9 +19,9 @@ pytest.importorskip("onnxruntime")
 def test_onnxruntime_cams_equal_torch_cams_at_other_sizes(backbone: str):
     torch.manual_seed(0)
     net = CAMNet(OmegaConf.structured(BackboneConfig(name=backbone, weights="none", output_stride=16)), 3).eval()
-    cfg = load_recipe("configs/shapes_cam.yaml", ["cam_infer.engine=onnxruntime"])
-    ort_fn = cam_function(net, cfg)  # exported at 96 x 96
-    torch_fn = cam_function(net, load_recipe("configs/shapes_cam.yaml", []))
+    method = SimpleNamespace(net=net, cams=lambda x, output: net(x)["cams"], channels_last=False)
+    ort_fn = cam_function(method, "cam", "onnxruntime")  # exported at 96 x 96
+    torch_fn = cam_function(method, "cam", "torch")
     for shape in [(1, 3, 64, 80), (3, 3, 120, 90)]:
         x = torch.randn(shape)
         with torch.inference_mode():
@@ -37,16 +39,16 @@ def test_unknown_engine_is_a_config_error():
 
 
 def test_onnxruntime_exports_the_seam_pcm_output():
-    from wsss.engine.modules import CAMModule
+    from wsss.stages.common import cam_method
 
     overrides = ["cam.backbone.name=test_resnet", "cam.backbone.weights=none"]
     torch.manual_seed(0)
     cfg = load_recipe("configs/shapes_pmm.yaml", overrides)
-    net = CAMModule.build_net(cfg, 4).eval()
-    ort_fn = cam_function(net, load_recipe("configs/shapes_pmm.yaml", [*overrides, "cam_infer.engine=onnxruntime"]))
+    method = cam_method(cfg, 4).eval()
+    ort_fn = cam_function(method, cfg.cam_infer.output, "onnxruntime")
     x = torch.randn(2, 3, 72, 88)
     with torch.inference_mode():
-        expected = cam_function(net, cfg)(x)  # cam_rv: the PCM-refined maps
+        expected = cam_function(method, cfg.cam_infer.output)(x)  # cam_rv: the PCM-refined maps
     got = ort_fn(x)
     assert got.shape == expected.shape
     assert torch.allclose(got, expected, atol=1e-4 * float(expected.abs().max()) + 1e-5)

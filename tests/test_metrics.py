@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from wsss.metrics import ConfusionMatrix, cam_labels
+from wsss.metrics import ConfusionMatrix
+from wsss.pseudo.threshold import cam_labels
 
 
 def test_hand_computed_iou_precision_recall():

@@ -12,7 +12,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from wsss.cam.cov import coefficient_of_variation, cov_smooth
+from wsss.pseudo.cov import coefficient_of_variation, cov_smooth
 from wsss.cam.multicrop import crop_windows, multicrop_cams
 from wsss.config import PseudoConfig
 from wsss.crf.presets import PRESETS
@@ -20,7 +20,7 @@ from wsss.losses.puf import pretended_under_fitting
 from wsss.losses.seam import adaptive_min_pooling, max_norm, max_onehot, ohem_l1, with_background
 from wsss.models.seam import pcm, pcm_input
 from wsss.pseudo import build_generator
-from wsss.pseudo.ppmg import make_ppmg_generator, ppmg_labels, proportional_labels
+from wsss.pseudo.ppmg import PPMGOptions, make_ppmg_generator, ppmg_labels, proportional_labels
 from wsss.pseudo.threshold import threshold_mask
 
 
@@ -51,12 +51,12 @@ def test_cov_on_threshold_masks_is_threshold_of_smoothed_maps():
     rng = np.random.default_rng(0)
     cams = rng.random((2, 6, 7)).astype(np.float32) ** 3
     classes = np.array([3, 5])
-    cfg = OmegaConf.structured(PseudoConfig(method="threshold", bg_threshold=0.3))
-    cfg.cov.enabled = True
-    gen, needs_image = build_generator(cfg)
+    settings = PseudoConfig(method="threshold", bg_threshold=0.3)
+    settings.cov.enabled = True
+    gen = build_generator("threshold", settings)
     expected = threshold_mask(classes, cov_smooth(cams, 0.3, 0.05), 0.3)
     np.testing.assert_array_equal(gen(classes, cams, None), expected)
-    assert not needs_image
+    assert "image" not in gen.needs
     # and smoothing changed something on this input (otherwise the check above proves nothing)
     assert (expected != threshold_mask(classes, cams, 0.3)).any()
 
@@ -102,11 +102,12 @@ def test_ppmg_recovers_two_objects_and_cov_feeds_only_the_crf():
     assert (labels == truth).mean() > 0.9
     assert not (labels == 255).any()  # PPMG has no ignore label
     # The generator with CoV on: the CRF sees the smoothed maps, the proportions the raw maps.
-    cfg = OmegaConf.structured(PseudoConfig(method="ppmg"))
-    cfg.cov.enabled = True
     smoothed = cov_smooth(cams, 0.3, 0.05)
     expected = ppmg_labels(img, classes, cams, 11.0, params, smoothed=smoothed)
-    np.testing.assert_array_equal(make_ppmg_generator(cfg)(classes, cams, img), expected)
+    np.testing.assert_array_equal(make_ppmg_generator(11.0, 0.5, params, (0.3, 0.05))(classes, cams, img), expected)
+    settings = PseudoConfig(method="ppmg")  # the registered generator with the default options does the same
+    settings.cov.enabled = True
+    np.testing.assert_array_equal(build_generator("ppmg", settings, PPMGOptions())(classes, cams, img), expected)
     # Peaky CAMs (cubed): without CoV the CRF keeps no foreground at all; the smoothing expands it back.
     peaky = cams ** 3
     assert (ppmg_labels(img, classes, peaky, 11.0, params) == 0).all()
@@ -263,7 +264,8 @@ def test_pcm_input_and_pcm_propagation():
 
 
 def test_seam_net_and_loss_train_the_new_layers():
-    from wsss.config import BackboneConfig, SeamConfig
+    from wsss.cam.methods import SeamOptions
+    from wsss.config import BackboneConfig
     from wsss.losses.seam import seam_loss
     from wsss.models.seam import SeamCAMNet
 
@@ -271,7 +273,7 @@ def test_seam_net_and_loss_train_the_new_layers():
     net = SeamCAMNet(OmegaConf.structured(BackboneConfig(name="test_resnet", output_stride=8)), 4)
     x = torch.randn(2, 3, 48, 48)
     labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
-    loss, parts = seam_loss(net, x, labels, OmegaConf.structured(SeamConfig()))
+    loss, parts = seam_loss(net, x, labels, SeamOptions())
     assert torch.isfinite(loss) and set(parts) == {"cls", "amp", "er", "ecr"}
     assert loss.item() == pytest.approx(sum(v.item() for v in parts.values()), rel=1e-5)  # amp_weight 1
     loss.backward()

@@ -20,7 +20,7 @@ from wsss.cli import main
 from wsss.config import load_recipe
 from wsss.data.classes import VOC_CLASSES
 from wsss.engine.export import export_net, load_weights
-from wsss.engine.modules import CAMModule
+from wsss.stages.common import cam_method, seg_method
 from wsss.engine.rundir import RunDir
 from wsss.errors import CheckpointError
 from wsss.models.segmenter import Segmenter
@@ -68,8 +68,8 @@ def exported(tmp_path) -> RunDir:
     cfg = load_recipe(REPO / "configs" / "shapes_cam.yaml", _base(tmp_path)[1:])
     rd = RunDir(cfg).prepare()
     torch.manual_seed(0)
-    export_net(CAMModule.build_net(cfg, 7), rd.sub("cam"), "cam", cfg.cam, SHAPES)
-    export_net(Segmenter(cfg.seg, 7), rd.sub("seg"), "seg", cfg.seg, SHAPES)
+    export_net(cam_method(cfg, 7).net, rd.sub("cam"), "cam", cfg.cam, SHAPES)
+    export_net(seg_method(cfg, SHAPES).net, rd.sub("seg"), "seg", cfg.seg, SHAPES)
     return rd
 
 
@@ -90,7 +90,7 @@ def test_pickled_code_in_a_checkpoint_never_runs(tmp_path, capsys):
 def test_trained_weights_replaced_by_a_pickle_are_refused(exported, tmp_path):
     marker = tmp_path / "pwned"
     _trap(exported.sub("cam", "model.safetensors"), marker)
-    net = CAMModule.build_net(exported.cfg, 7)
+    net = cam_method(exported.cfg, 7).net
     with pytest.raises(CheckpointError, match="unreadable weights file"):
         load_weights(net, exported.sub("cam"), "cam", SHAPES)
     assert not marker.exists()
@@ -99,7 +99,7 @@ def test_trained_weights_replaced_by_a_pickle_are_refused(exported, tmp_path):
 def test_weights_of_another_backbone_name_the_keys(exported):
     cfg = load_recipe(REPO / "configs" / "shapes_cam.yaml", [*TINY, "cam.backbone.name=resnet10t"])
     with pytest.raises(CheckpointError) as err:
-        load_weights(CAMModule.build_net(cfg, 7), exported.sub("cam"), "cam", SHAPES)
+        load_weights(cam_method(cfg, 7).net, exported.sub("cam"), "cam", SHAPES)
     msg = str(err.value)
     assert "model.safetensors does not match this model" in msg and "another recipe or backbone" in msg
     assert "shape mismatch: backbone.conv1.0.weight (16, 3, 3, 3) vs (24, 3, 3, 3)" in msg, msg
@@ -108,12 +108,12 @@ def test_weights_of_another_backbone_name_the_keys(exported):
 def test_weights_for_another_class_count_name_the_keys(exported):
     cfg = exported.cfg
     with pytest.raises(CheckpointError) as err:  # a shapes model (6 foreground classes) on VOC (20)
-        load_weights(CAMModule.build_net(cfg, 21), exported.sub("cam"), "cam", list(VOC_CLASSES))
+        load_weights(cam_method(cfg, 21).net, exported.sub("cam"), "cam", list(VOC_CLASSES))
     msg = str(err.value)
     assert "shape mismatch: classifier.weight (6, " in msg and "vs (20, " in msg, msg
     assert "trained for 7 classes (background, disc, ring, cross, ...), this data set has 21" in msg
     with pytest.raises(CheckpointError, match=r"shape mismatch: .*segmentation_head.*\(7,.* vs \(21,"):
-        load_weights(Segmenter(cfg.seg, 21), exported.sub("seg"), "seg", list(VOC_CLASSES))
+        load_weights(seg_method(cfg, list(VOC_CLASSES)).net, exported.sub("seg"), "seg", list(VOC_CLASSES))
 
 
 def test_resume_checkpoint_of_another_backbone_names_the_keys(tmp_path, capsys):

@@ -8,13 +8,13 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from wsss.config import LossConfig, SegConfig
+from wsss.config import SegConfig
 from wsss.crf.exact import gaussian_kernel_matrix
 from wsss.crf.filters import bilateral_features
 from wsss.losses.ce import partial_cross_entropy
 from wsss.losses.densecrf_loss import dense_bilateral_filter, densecrf_loss, downscale
 from wsss.losses.dfr import (DFRLoss, consistency_loss, grid_shape, joint_kernel, potts_term, scribble_cell_labels)
-from wsss.losses.regularized import build_regularizer
+from wsss.losses.regularized import RegularizerContext, build_regularizer, decoder_channels
 
 
 # The CRF and these losses are many small tensor ops: one thread is faster and steadier (conftest).
@@ -228,13 +228,13 @@ def test_build_regularizers_and_vit_segmenter() -> None:
 
     seg = _seg_cfg(arch="vitseg", arch_kwargs={"decoder_channels": 16, "patch_size": 8},
                    encoder={"name": "test_vit", "weights": "none"})
-    net = Segmenter(seg, 3)
+    net = Segmenter(seg.arch, seg.encoder, 3, dict(seg.arch_kwargs))
     out = net(torch.randn(2, 3, 40, 56), with_features=True)  # 40 is not a multiple of the patch: resized
     assert out["logits"].shape == (2, 3, 40, 56) and out["features"].shape[1] == 16
-    loss_cfg = OmegaConf.structured(LossConfig)
-    reg = build_regularizer("dfr", loss_cfg, 3, net)
+    context = RegularizerContext(3, decoder_channels(net))
+    reg = build_regularizer("dfr", None, context)
     assert reg.needs_features and reg.dfr.head.net[0].in_channels == 16
-    crf = build_regularizer("pce_densecrf", loss_cfg, 3, net)
+    crf = build_regularizer("densecrf", None, context)
     assert not crf.needs_features and not list(crf.parameters())
     image = _image(2, 40, 56)
     target = torch.full((2, 40, 56), 255)
@@ -243,8 +243,9 @@ def test_build_regularizers_and_vit_segmenter() -> None:
     loss, parts = reg(out, batch, 0)
     loss.backward()
     assert {"densecrf_loss", "dfr_potts", "dfr_consistency"} <= set(parts) and torch.isfinite(loss)
-    frozen = Segmenter(_seg_cfg(arch="vitseg", arch_kwargs={"decoder_channels": 16},
-                                encoder={"name": "test_vit", "weights": "none", "frozen_stages": 2}), 3)
+    frozen_cfg = _seg_cfg(arch="vitseg", arch_kwargs={"decoder_channels": 16},
+                          encoder={"name": "test_vit", "weights": "none", "frozen_stages": 2})
+    frozen = Segmenter(frozen_cfg.arch, frozen_cfg.encoder, 3, dict(frozen_cfg.arch_kwargs))
     vit = frozen.model.encoder.model
     assert not any(p.requires_grad for p in vit.patch_embed.parameters())
     assert not any(p.requires_grad for p in vit.blocks[1].parameters())

@@ -7,48 +7,15 @@ configs/; any key can be overridden on the command line with `section.key=value`
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
-import sys
 from pathlib import Path
-from typing import Any, Callable
 
-from wsss.errors import WsssError
+from wsss import pipeline
+from wsss.errors import WsssError, run_guarded
+from wsss.registry import STAGES
 
 log = logging.getLogger("wsss")
-
-# stage name -> (module, subcommand, one-line help)
-STAGE_COMMANDS = {
-    "train_cam": ("wsss.stages.train_cam", "train-cam", "train the CAM classification network on image-level labels"),
-    "cam": ("wsss.stages.cam", "cam", "multi-scale + flip CAM inference, one cams/<id>.npz per image"),
-    "pseudo": ("wsss.stages.pseudo", "pseudo", "pseudo masks from CAMs (threshold / CRF / PPMG) and their quality"),
-    "train_seg": ("wsss.stages.train_seg", "train-seg", "train the segmenter on pseudo masks, GT or scribbles"),
-    "cyclic": ("wsss.stages.cyclic", "cyclic", "PMM cyclic pseudo-mask rounds: predict train, retrain a fresh segmenter"),
-    "evaluate": ("wsss.stages.evaluate", "evaluate", "score the segmenter on a split (or any --pred/--gt folders)"),
-    "report": ("wsss.stages.report", "report", "write the run's HTML report (tables, CAMs, overlays, curves)"),
-}
-
-
-def run_guarded(fn: Callable[[], Any]) -> Any:
-    """Run `fn`; user errors print one clear line (no traceback), Ctrl-C says how to resume."""
-    try:
-        return fn()
-    except KeyboardInterrupt:
-        print("\ninterrupted: finished work is kept; rerun the same command to resume where it stopped", file=sys.stderr)
-        sys.exit(130)
-    except WsssError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except Exception as e:  # noqa: BLE001
-        msg = str(e)
-        # A DataError raised inside a DataLoader worker arrives wrapped with the worker's traceback.
-        if "Original Traceback" in msg and "wsss.errors." in msg:
-            last = [line for line in msg.strip().splitlines() if line.strip()][-1]
-            print(f"error: {last.split(': ', 1)[-1]}", file=sys.stderr)
-            sys.exit(2)
-        raise
-
 
 def _add_recipe_args(p: argparse.ArgumentParser, recipe_required: bool = True) -> None:
     p.add_argument("recipe", nargs=None if recipe_required else "?", help="recipe YAML, e.g. configs/shapes_cam.yaml")
@@ -60,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wsss",
         description="Weakly supervised semantic segmentation: image-level tags, scribbles or saliency -> pixel masks.\n"
-                    "Pipeline: train-cam -> cam -> pseudo -> train-seg -> [cyclic] -> evaluate -> report.\n"
+                    "Pipeline: " + " -> ".join(STAGES.get(n).cli for n in pipeline.default_stages()) + ".\n"
                     "Outputs go to runs/<name>/ (config.yaml, manifest.json, cams/, pseudo/, seg/, pred/, metrics/, report/).",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -74,10 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(p)
     p.add_argument("--stages", default="", help="comma-separated subset of stages to run (default: run.stages)")
 
-    for stage, (_, command, help_text) in STAGE_COMMANDS.items():
-        description = _evaluate_description() if command == "evaluate" else _module_doc(STAGE_COMMANDS[stage][0]) or help_text
-        p = sub.add_parser(command, help=help_text, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-        if command == "evaluate":
+    for _, st in STAGES.items():
+        description = _evaluate_description() if st.name == "evaluate" else _module_doc(st.module) or st.help
+        p = sub.add_parser(st.cli, help=st.help, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+        if st.name == "evaluate":
             _add_recipe_args(p, recipe_required=False)
             p.add_argument("--pred", help="folder of predicted index PNGs (<id>.png)")
             p.add_argument("--gt", help="folder of ground-truth index/palette PNGs (<id>.png)")
@@ -183,56 +150,17 @@ def _class_names(args: argparse.Namespace) -> list[str]:
     return list(known.CLASS_LISTS[args.dataset or "voc12"])
 
 
-def _stage_run(stage: str) -> Callable:
-    return importlib.import_module(STAGE_COMMANDS[stage][0]).run
-
-
 def cmd_run(args: argparse.Namespace) -> None:
-    from wsss.stages.common import open_run
-
-    rd = open_run(args.recipe, args.overrides, args.force)
-    stages = [s.strip() for s in args.stages.split(",") if s.strip()] or list(rd.cfg.run.stages)
-    for stage in stages:
-        if stage not in STAGE_COMMANDS:
-            raise WsssError(f"--stages: unknown stage {stage!r}; stages are {', '.join(STAGE_COMMANDS)}")
-    log.info("run %s -> %s (stages: %s)", args.recipe, rd.path, ", ".join(stages))
-    for stage in stages:
-        _stage_run(stage)(rd)
-    print_summary(rd)
-
-
-def print_summary(rd) -> None:
-    """The headline numbers of a run, from its manifest."""
-    from wsss.engine import dist
-
-    if not dist.is_main():
-        return
-    stages = rd.read_manifest().get("stages", {})
-    lines = [f"run {rd.cfg.run.name}: {rd.path}"]
-    p = stages.get("pseudo", {}).get("metrics", {})
-    if "cam_seed_miou" in p:
-        lines.append(f"  CAM seed mIoU (train, best bg threshold {p['cam_seed_best_threshold']:.2f}): {100 * p['cam_seed_miou']:.2f}")
-    if "pseudo_miou" in p:
-        lines.append(f"  pseudo-mask mIoU (train): {100 * p['pseudo_miou']:.2f}  ({100 * p['labelled_fraction']:.1f}% pixels labelled)")
-    c = stages.get("cyclic", {}).get("metrics", {})
-    for k, v in sorted(c.items()):
-        if k.endswith("pseudo_miou"):
-            lines.append(f"  {k.replace('_', ' ')} (train): {100 * v:.2f}")
-    e = stages.get("evaluate", {}).get("metrics", {})
-    if "miou" in e:
-        lines.append(f"  segmenter mIoU ({e.get('split')}, {e.get('protocol')}): {100 * e['miou']:.2f}")
-    r = stages.get("report", {}).get("metrics", {})
-    if "path" in r:
-        lines.append(f"  report: {r['path']}")
-    print("\n".join(lines), flush=True)
+    rd = pipeline.open_run(args.recipe, args.overrides, args.force)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    pipeline.run_stages(rd, stages)
+    pipeline.print_summary(rd)
 
 
 def cmd_stage(stage: str, args: argparse.Namespace) -> None:
-    from wsss.stages.common import open_run
-
-    rd = open_run(args.recipe, args.overrides, args.force)
-    _stage_run(stage)(rd)
-    print_summary(rd)
+    rd = pipeline.open_run(args.recipe, args.overrides, args.force)
+    pipeline.run_stages(rd, [stage])
+    pipeline.print_summary(rd)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -271,10 +199,9 @@ def cmd_eval_cam(args: argparse.Namespace) -> None:
     else:
         if not args.recipe:
             raise WsssError("eval-cam: give a RECIPE, or --cams DIR --gt DIR")
-        from wsss.stages.cam import cam_split
-        from wsss.stages.common import open_run, split_dataset
+        from wsss.stages.common import cam_split, split_dataset
 
-        rd = open_run(args.recipe, args.overrides)
+        rd = pipeline.open_run(args.recipe, args.overrides)
         ds = split_dataset(rd.cfg, cam_split(rd.cfg))
         sweep = cam_threshold_sweep(rd.sub("cams"), ds, ds.ids, thresholds, args.absent)
     print(sweep_table(sweep))
@@ -286,17 +213,16 @@ def cmd_eval_cam(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from wsss.stages.predict import predict_folder
-    from wsss.stages.common import open_run
+    from wsss.tools.predict import predict_folder
 
-    rd = open_run(args.recipe, args.overrides)
+    rd = pipeline.open_run(args.recipe, args.overrides)
     scales = [float(s) for s in args.scales.split(",") if s] or list(rd.cfg.eval.scales)
     n = predict_folder(rd, Path(args.input), Path(args.output), scales, args.flip, args.crf)
     print(f"predicted {n} images -> {args.output}")
 
 
 def cmd_crf(args: argparse.Namespace) -> None:
-    from wsss.stages.crf import refine_folder
+    from wsss.tools.crf import refine_folder
 
     n = refine_folder(Path(args.cams), Path(args.images), Path(args.output), args.preset, args.alpha, args.iterations)
     print(f"refined {n} CAM files -> {args.output}")
@@ -320,19 +246,18 @@ def cmd_data(args: argparse.Namespace) -> None:
         print(summary)
     elif args.data_command == "cls-labels":
         from wsss.data.labels import write_cls_labels
-        from wsss.stages.common import open_run, split_dataset
+        from wsss.stages.common import split_dataset
 
-        rd = open_run(args.recipe, args.overrides)
+        rd = pipeline.open_run(args.recipe, args.overrides)
         splits = [s for s in args.splits.split(",") if s] or [rd.cfg.data.train_split, rd.cfg.data.val_split]
         datasets = [split_dataset(rd.cfg, s) for s in splits]
         n = write_cls_labels(datasets, Path(args.output), args.format)
         print(f"wrote labels of {n} images to {args.output} ({args.format} keys)")
     elif args.data_command == "check":
-        from wsss.stages.common import open_run
         from wsss.data import build_dataset
         from wsss.io.images import CONVERSIONS
 
-        rd = open_run(args.recipe, args.overrides)
+        rd = pipeline.open_run(args.recipe, args.overrides)
         for split in dict.fromkeys([rd.cfg.data.train_split, rd.cfg.data.val_split]):
             ds = build_dataset(rd.cfg.data, split)
             n = len(ds)
@@ -346,9 +271,7 @@ def cmd_data(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from wsss.stages.demo import run_demo
-
-    run_demo(args.overrides, args.force)
+    pipeline.run_demo(args.overrides, args.force)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -372,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "demo":
         run_guarded(lambda: cmd_demo(args))
     else:
-        stage = next(s for s, (_, c, _) in STAGE_COMMANDS.items() if c == args.command)
+        stage = next(name for name, st in STAGES.items() if st.cli == args.command)
         run_guarded(lambda: cmd_stage(stage, args))
 
 

@@ -8,8 +8,10 @@ raised before any work starts.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,19 +96,11 @@ class TrainConfig:
 
 
 @dataclass
-class SeamConfig:
-    """SEAM-style CAM objective used by PMM's CAM stage (equivariance + PCM)."""
-
-    view_scale: float = 0.3  # second view downscaled by this factor
-    ecr_topk: float = 0.2  # OHEM fraction for the equivariant cross regularisation
-    amp_weight: float = 1.0  # adaptive min pooling term on the PCM output
-
-
-@dataclass
 class CamConfig(TrainConfig):
+    """The CAM network's training; the method's own options are the section `cam.<method>`."""
+
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    objective: str = "mlsm"  # mlsm | seam
-    seam: SeamConfig = field(default_factory=SeamConfig)
+    method: str = "mlsm"  # a registered CAM method: mlsm | seam | ... (wsss/cam/methods.py)
 
 
 @dataclass
@@ -123,7 +117,7 @@ class CamInferConfig:
     scales: list[float] = field(default_factory=lambda: [1.0, 0.5, 1.5, 2.0])
     flip: bool = True
     batch_size: int = 8  # images of equal size per forward
-    output: str = "cam"  # cam | cam_rv (PCM-refined, seam objective only)
+    output: str = "cam"  # cam | cam_rv (PCM-refined; methods with a refined CAM, e.g. seam)
     engine: str = "torch"  # torch | onnxruntime (CPU only: the network exported once; faster forward on CPU)
     multicrop: MultiCropConfig = field(default_factory=MultiCropConfig)
 
@@ -149,14 +143,8 @@ class CoVConfig:
 
 
 @dataclass
-class PPMGConfig:
-    alpha: float = 11.0  # PMM --crf_threshs
-    fg_threshold: float = 0.5
-
-
-@dataclass
 class PseudoConfig:
-    method: str = "threshold"  # threshold | ppmg
+    method: str = "threshold"  # a registered generator: threshold | ppmg | ... (its options: pseudo.<method>)
     bg_threshold: float = 0.15  # background score for the argmax ("auto" sweeps: see bg_threshold_auto)
     bg_threshold_auto: bool = False  # pick the threshold with the best CAM mIoU on images with GT (uses GT!)
     quality_split: str = ""  # report seed / pseudo-mask quality only on the ids of this split ("" = all with GT)
@@ -165,51 +153,14 @@ class PseudoConfig:
     crf_alpha: float = 4.0  # background unary = (1 - max CAM)^alpha before the CRF (PSA-style)
     crf_params: CRFConfig = field(default_factory=CRFConfig)
     cov: CoVConfig = field(default_factory=CoVConfig)
-    ppmg: PPMGConfig = field(default_factory=lambda: PPMGConfig())
-    ppmg_crf: CRFConfig = field(default_factory=lambda: CRFConfig(preset="pmm_ppmg"))
-
-
-@dataclass
-class PUFConfig:
-    type: str = "clamp"  # clamp | pow | ignore
-    beta: float = 0.5
-    k: float = 0.5
-
-
-@dataclass
-class DenseCRFLossConfig:
-    """DenseCRF loss (Tang et al. 2018) as rloss computes it; weight in our units (docs/methods/scribbles.md)."""
-
-    weight: float = 2.4e-8  # = rloss's 2e-9 x its batch size 12 (our pCE is not divided by the batch size)
-    sigma_rgb: float = 15.0
-    sigma_xy: float = 100.0  # full-resolution pixels; multiplied by `scale` like rloss
-    scale: float = 0.5  # compute on a downscaled output (rloss --rloss-scale)
-
-
-@dataclass
-class DFRConfig:
-    """Dynamic Feature Regularized loss: a dense kernel on a coarse grid over joint shallow (xy, rgb) and
-    deep (feature-consistency-head) features, plus the head's pair-wise loss (docs/methods/scribbles.md)."""
-
-    weight: float = 1.0  # the deep-kernel Potts term, normalised to [0, 1] per image
-    sigma_xy: float = 80.0  # input pixels
-    sigma_rgb: float = 30.0
-    sigma_deep: float = 0.5  # on unit-length embeddings (|e_i - e_j|^2 in [0, 4])
-    size: int = 32  # grid cells along the longer side where the dense kernel is computed
-    feature_dim: int = 32  # consistency-head embedding size
-    head_channels: int = 64
-    consistency_weight: float = 0.1
-    confidence: float = 0.9  # predicted cells above this join the scribbles as pair labels for the head
-    densecrf: bool = True  # also add the full-resolution DenseCRF loss of seg.loss.densecrf
-    warmup_steps: int = 0  # the deep-kernel term starts after this many steps (the head trains from step 0)
 
 
 @dataclass
 class LossConfig:
-    name: str = "ce"  # ce | puf | pce | pce_densecrf | dfr
-    puf: PUFConfig = field(default_factory=PUFConfig)
-    densecrf: DenseCRFLossConfig = field(default_factory=DenseCRFLossConfig)
-    dfr: DFRConfig = field(default_factory=DFRConfig)
+    """The segmenter's loss: a pixel loss plus an optional regulariser; options at seg.loss.<name>."""
+
+    name: str = "ce"  # a registered pixel loss: ce | puf | pce (wsss/losses/__init__.py)
+    regularizer: str = ""  # "" or a registered regulariser: densecrf | dfr | ... (wsss/losses/regularized.py)
 
 
 @dataclass
@@ -217,6 +168,7 @@ class SegConfig(TrainConfig):
     epochs: int = 10
     batch_size: int = 8
     scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    method: str = "segmenter"  # a registered segmentation method (network + training step + inference)
     arch: str = "deeplabv3plus"  # any segmentation_models_pytorch architecture name, or "vitseg" (timm ViT + light decoder)
     arch_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to smp (e.g. decoder_atrous_rates)
     encoder: BackboneConfig = field(default_factory=BackboneConfig)
@@ -269,11 +221,18 @@ class TrainerConfig:
     deterministic: bool = False
 
 
+def _default_stages() -> list[str]:
+    from wsss.pipeline import default_stages
+
+    return default_stages()
+
+
 @dataclass
 class RunConfig:
     name: str = ""  # "" = the recipe file's stem
     root: str = "runs"
-    stages: list[str] = field(default_factory=lambda: ["train_cam", "cam", "pseudo", "train_seg", "evaluate", "report"])
+    stages: list[str] = field(default_factory=_default_stages)  # the stage table's defaults (wsss/pipeline.py)
+    plugins: list[str] = field(default_factory=list)  # modules (dotted names or .py files) that register components
 
 
 @dataclass
@@ -294,31 +253,57 @@ class Recipe:
 # Allowed values for string choices: checked after merging so the error names the key.
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "data.dataset": ("shapes", "voc12", "coco14", "folder"),
     "data.image_mode": ("convert", "strict"),
     "data.label_source": ("auto", "cls_labels", "xml", "mask"),
     "data.scribbles.source": ("dataset", "simulate"),
-    "cam.objective": ("mlsm", "seam"),
     "cam_infer.mode": ("multiscale", "multicrop"),
     "cam_infer.engine": ("torch", "onnxruntime"),
     "cam_infer.output": ("cam", "cam_rv"),
-    "pseudo.method": ("threshold", "ppmg"),
     "seg.labels": ("pseudo", "gt", "scribble"),
-    "seg.loss.name": ("ce", "puf", "pce", "pce_densecrf", "dfr"),
     "seg.loss.puf.type": ("clamp", "pow", "ignore"),
     "eval.absent": ("union", "gt"),
     "cyclic.selection": ("last", "best_val_uses_gt"),
-    "cyclic.loss": ("ce", "puf"),
     "trainer.logger": ("csv", "tensorboard"),
 }
-
-STAGES = ("train_cam", "cam", "pseudo", "train_seg", "cyclic", "evaluate", "report")
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
+def _registries() -> tuple:
+    """(recipe key that picks a component, its registry) for every registry a recipe names."""
+    from wsss import registry as r
+
+    r.load_builtins()
+    return (("data.dataset", r.DATASETS), ("cam.method", r.CAM_METHODS), ("pseudo.method", r.PSEUDO_METHODS),
+            ("seg.method", r.SEG_METHODS), ("seg.loss.name", r.PIXEL_LOSSES), ("seg.loss.regularizer", r.REGULARIZERS),
+            ("cyclic.loss", r.PIXEL_LOSSES))
+
+
+def _extend(cls: type, path: list[str], extra: dict[str, type]) -> type:
+    """A subclass of dataclass `cls` whose section at `path` also has the option sections `extra`."""
+    if not path:
+        fields = [(name, opt, field(default_factory=opt)) for name, opt in extra.items()
+                  if name not in {f.name for f in dataclasses.fields(cls)}]
+        return dataclasses.make_dataclass(cls.__name__, fields, bases=(cls,)) if fields else cls
+    hints = typing.get_type_hints(cls)
+    sub = _extend(hints[path[0]], path[1:], extra)
+    return dataclasses.make_dataclass(cls.__name__, [(path[0], sub, field(default_factory=sub))], bases=(cls,))
+
+
+def recipe_schema() -> type:
+    """The Recipe dataclass extended with the option sections of every registered component."""
+    schema: type = Recipe
+    sections: dict[str, dict[str, type]] = {}
+    for _, reg in _registries():
+        if reg.section:
+            sections.setdefault(reg.section, {}).update(reg.options)
+    for section, extra in sections.items():
+        schema = _extend(schema, section.split("."), extra)
+    return schema
+
+
 def _schema() -> DictConfig:
-    cfg = OmegaConf.structured(Recipe)
+    cfg = OmegaConf.structured(recipe_schema())
     OmegaConf.set_struct(cfg, True)
     OmegaConf.set_struct(cfg.seg.arch_kwargs, False)  # free-form keyword arguments for the smp model
     return cfg
@@ -384,31 +369,49 @@ def _flat_keys(d: Any, prefix: str = "") -> Any:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """Parse `a.b=value` with YAML typing (numbers, booleans, lists)."""
+    """Parse `a.b=value` with YAML typing (numbers, booleans, lists); `a.b=` is the empty string."""
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected key=value, e.g. seg.lr=0.01")
-    key, raw = text.split("=", 1)
-    key = key.strip()
+    key, raw = (part.strip() for part in text.split("=", 1))
     if not key:
         raise ConfigError(f"override {text!r}: empty key")
+    if not raw:
+        return key, ""
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+        value = OmegaConf.select(OmegaConf.from_dotlist([f"{key}={raw}"]), key)
+    except OmegaConfBaseException:
         value = raw
     return key, value
 
 
+def _plugins(layers: list[dict], overrides: list[tuple[str, Any]]) -> list[str]:
+    """run.plugins as the recipe files and the overrides set it (before the schema exists)."""
+    plugins: Any = []
+    for layer in layers:
+        plugins = (layer.get("run") or {}).get("plugins", plugins) if isinstance(layer.get("run"), dict) else plugins
+    for key, value in overrides:
+        if key == "run.plugins":
+            plugins = value
+    if isinstance(plugins, str):
+        plugins = [plugins]
+    if not isinstance(plugins, (list, tuple)):
+        raise ConfigError(f"run.plugins: expected a list of module names or .py files, got {plugins!r}")
+    return [str(p) for p in plugins]
+
+
 def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """Load a recipe (plus its defaults), apply dotted overrides, validate; return a read-only config."""
+    """Load a recipe (plus its defaults) and its plug-ins, apply dotted overrides, validate; return it read-only."""
+    from wsss.registry import load_plugins
+
+    layers = _load_yaml(Path(path)) if path else []
+    parsed = [parse_override(ov) for ov in overrides]
+    base = Path(layers[-1]["__file__"]).parent if layers else None
+    load_plugins(_plugins(layers, parsed), base)
     cfg = _schema()
-    name = ""
-    if path:
-        for layer in _load_yaml(Path(path)):
-            src = layer.pop("__file__")
-            cfg = _merge(cfg, layer, src)
-        name = Path(path).stem
-    for ov in overrides:
-        key, value = parse_override(ov)
+    for layer in layers:
+        src = layer.pop("__file__")
+        cfg = _merge(cfg, layer, src)
+    for ov, (key, value) in zip(overrides, parsed):
         if OmegaConf.select(cfg, key, default="__missing__") == "__missing__" and not _is_schema_key(key):
             raise ConfigError(f"override {ov!r}: unknown key '{key}'" + _suggest(key))
         nested: dict = {}
@@ -419,7 +422,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         cur[parts[-1]] = value
         cfg = _merge(cfg, nested, f"override {ov!r}")
     if not cfg.run.name:
-        cfg.run.name = name or "run"
+        cfg.run.name = Path(path).stem if path else "run"
     validate(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
@@ -432,15 +435,19 @@ def _is_schema_key(key: str) -> bool:
 def validate(cfg: DictConfig) -> None:
     """Check choices, ranges and referenced files; raise ConfigError naming the key."""
     for key, allowed in CHOICES.items():
-        value = OmegaConf.select(cfg, key)
+        value = OmegaConf.select(cfg, key, default=allowed[0])
         if value not in allowed:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
-    for preset_key in ("pseudo.crf_params", "pseudo.ppmg_crf", "eval.crf_params", "cyclic.crf_params"):
-        from wsss.crf.presets import PRESETS
+    for key, reg in _registries():
+        name = OmegaConf.select(cfg, key)
+        if name or key != "seg.loss.regularizer":  # no regulariser is a choice
+            reg.get(name)
+    from wsss.registry import CRF_PRESETS, STAGES
 
+    for preset_key in _crf_sections(cfg):
         preset = OmegaConf.select(cfg, preset_key).preset
-        if preset not in PRESETS:
-            raise ConfigError(f"{preset_key}.preset: {preset!r} is not one of {', '.join(PRESETS)}")
+        if preset not in CRF_PRESETS:
+            raise ConfigError(f"{preset_key}.preset: {preset!r} is not one of {', '.join(CRF_PRESETS.names())}")
     for stage in cfg.run.stages:
         if stage not in STAGES:
             raise ConfigError(f"run.stages: unknown stage {stage!r}; stages are {', '.join(STAGES)}")
@@ -494,18 +501,61 @@ def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
 
 
+def _crf_sections(cfg: DictConfig, prefix: str = "") -> list[str]:
+    """Dotted keys of every CRF parameter section (a mapping with a `preset` key) in the recipe."""
+    node = OmegaConf.select(cfg, prefix) if prefix else cfg
+    keys = []
+    for k in node.keys():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        child = OmegaConf.select(cfg, key)
+        if isinstance(child, DictConfig):
+            keys += [key] if "preset" in child and "bilateral_sxy" in child else _crf_sections(cfg, key)
+    return keys
+
+
+def _unselected_options(cfg: DictConfig) -> set[str]:
+    """Option sections of components the recipe did not pick (left out of stage hashes)."""
+    out = set()
+    for key, reg in _registries():
+        if reg.section:
+            chosen: set = set()
+            for k, r in _registries():
+                if r.section == reg.section:
+                    name = OmegaConf.select(cfg, k)
+                    chosen |= {name, *r.uses.get(name, ())}
+            out |= {f"{reg.section}.{name}" for name in reg.options if name not in chosen}
+    return out
+
+
+def _prune(node: Any, path: str, drop: set[str]) -> Any:
+    if isinstance(node, dict):
+        return {k: _prune(v, f"{path}.{k}" if path else k, drop) for k, v in node.items()
+                if (f"{path}.{k}" if path else k) not in drop}
+    return node
+
+
 def section_hash(cfg: DictConfig, keys: list[str] | tuple[str, ...]) -> str:
-    """A stable short hash of the named config sections (what a stage's outputs depend on)."""
-    payload = {k: OmegaConf.to_container(OmegaConf.select(cfg, k), resolve=True) if isinstance(OmegaConf.select(cfg, k), (DictConfig, ListConfig)) else OmegaConf.select(cfg, k) for k in keys}
+    """A stable short hash of the named config sections (what a stage's outputs depend on).
+
+    Options of components the recipe does not use are left out: registering a new method does not
+    make existing runs stale.
+    """
+    drop = _unselected_options(cfg)
+    payload = {}
+    for k in keys:
+        value = OmegaConf.select(cfg, k)
+        if isinstance(value, (DictConfig, ListConfig)):
+            value = _prune(OmegaConf.to_container(value, resolve=True), k, drop)
+        payload[k] = value
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def with_overrides(cfg: DictConfig, overrides: dict[str, Any]) -> DictConfig:
-    """A copy of `cfg` with some keys changed (for derived configs such as cyclic rounds)."""
-    new = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    new = OmegaConf.merge(_schema(), new)
-    for k, v in overrides.items():
-        OmegaConf.update(new, k, v, merge=False)
-    validate(new)
-    OmegaConf.set_readonly(new, True)
-    return new
+def options(cfg: DictConfig, section: str, name: str) -> Any:
+    """The options of component `name` under `section` as a plain dataclass instance (None if it has none)."""
+    node = OmegaConf.select(cfg, f"{section}.{name}") if name else None
+    return OmegaConf.to_object(node) if isinstance(node, DictConfig) else None
+
+
+def plain(node: Any) -> Any:
+    """A recipe section as a plain dataclass instance (what models, losses and generators take)."""
+    return OmegaConf.to_object(node) if isinstance(node, (DictConfig, ListConfig)) else node

@@ -1,8 +1,10 @@
-"""User-facing errors: the CLI prints their message, never a traceback."""
+"""User-facing errors: the CLI prints their message, never a traceback (`run_guarded`)."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+from typing import Any, Callable
 
 
 class WsssError(Exception):
@@ -30,3 +32,23 @@ class CheckpointError(WsssError):
 
 class RunDirError(WsssError):
     """The run directory cannot be written (permissions, full disk) or is inconsistent."""
+
+
+def run_guarded(fn: Callable[[], Any]) -> Any:
+    """Run `fn`; user errors print one clear line (no traceback), Ctrl-C says how to resume."""
+    try:
+        return fn()
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished work is kept; rerun the same command to resume where it stopped", file=sys.stderr)
+        sys.exit(130)
+    except WsssError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as e:  # noqa: BLE001
+        msg = str(e)
+        # A DataError raised inside a DataLoader worker arrives wrapped with the worker's traceback.
+        if "Original Traceback" in msg and "wsss.errors." in msg:
+            last = [line for line in msg.strip().splitlines() if line.strip()][-1]
+            print(f"error: {last.split(': ', 1)[-1]}", file=sys.stderr)
+            sys.exit(2)
+        raise

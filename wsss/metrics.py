@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
+from wsss.io.images import IGNORE
 
-IGNORE = 255
 
 
 class ConfusionMatrix:
@@ -132,18 +132,3 @@ def _pct(v: float) -> str:
 def _to_numpy(x: Any) -> np.ndarray:
     """numpy arrays pass through; torch tensors are copied to the CPU (torch is not imported here)."""
     return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
-
-
-def cam_labels(cams: np.ndarray, classes: np.ndarray, bg_threshold: float) -> np.ndarray:
-    """(K, H, W) CAMs of the present classes -> (H, W) labels with a constant background score."""
-    h, w = cams.shape[1:]
-    if len(classes) == 0:
-        return np.zeros((h, w), dtype=np.uint8)
-    scores = np.concatenate([np.full((1, h, w), bg_threshold, dtype=np.float32), cams.astype(np.float32)], 0)
-    keys = np.concatenate([[0], classes]).astype(np.uint8)
-    return keys[scores.argmax(0)]
-
-
-def threshold_sweep(matrices: dict[float, ConfusionMatrix], class_names: Sequence[str], absent: str = "union") -> list[tuple[float, SegMetrics]]:
-    """Metrics for each background threshold of a sweep, best first is not assumed: in threshold order."""
-    return [(t, m.compute(class_names, absent)) for t, m in sorted(matrices.items())]

@@ -94,18 +94,17 @@ def multicrop_cams(cam_fn: Callable[[torch.Tensor], torch.Tensor], image: torch.
 
 
 def run_multicrop(cam_fn: CamFn, norm: torch.nn.Module, ds: Any, todo: Sequence[str], out_dir: Path,
-                  cfg: Any, device: torch.device) -> None:
+                  device: torch.device, scales: Sequence[float], crop_size: int = 448, stride: int = 300,
+                  flip: bool = True, batch_size: int = 8) -> None:
     """The cam stage's multi-crop path: write `out_dir/<id>.npz` for every id in `todo` (this rank's share)."""
-    mc = cfg.cam_infer.multicrop
     for sid in tqdm(todo, desc="cam (multi-crop)", disable=None if dist.is_main() else True, leave=False):
         sample = ds.load(sid, ("image", "labels"))
         image = norm(torch.tensor(sample["image"], device=device).permute(2, 0, 1)[None].float())[0]
         present = torch.nonzero(torch.from_numpy(sample["labels"]) > 0.5).flatten()
         h, w = image.shape[-2:]
         if len(present):
-            windows = crop_windows(w, h, mc.scales, mc.crop_size, mc.stride)
-            maps = multicrop_cams(cam_fn, image, present.to(device), windows, mc.crop_size, cfg.cam_infer.flip,
-                                  cfg.cam_infer.batch_size).cpu().numpy()
+            windows = crop_windows(w, h, scales, crop_size, stride)
+            maps = multicrop_cams(cam_fn, image, present.to(device), windows, crop_size, flip, batch_size).cpu().numpy()
         else:
             maps = np.zeros((0, h, w), np.float32)
         write_cams(out_dir / f"{sid}.npz", (present + 1).numpy(), maps)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+
+from wsss.registry import CRF_PRESETS
 
 
 @dataclass(frozen=True)
@@ -18,7 +19,9 @@ class CRFParams:
     bilateral_compat: float
 
 
-PRESETS: dict[str, CRFParams | None] = {
+PRESETS = CRF_PRESETS  # name -> CRFParams (None: every parameter set explicitly, preset "custom")
+
+for _name, _params in {
     # PSA / AffinityNet tool/imutils.crf_inference (also PMM tool/imutils.crf_inference, stage-2 masks)
     "psa": CRFParams(10, 3, 3, 80, 13, 10),
     # IRN misc/imutils.crf_inference_label
@@ -35,23 +38,24 @@ PRESETS: dict[str, CRFParams | None] = {
     "auxsegnet_sal": CRFParams(1, 3, 3, 60, 5, 5),
     # every parameter set explicitly in the config
     "custom": None,
-}
+}.items():
+    CRF_PRESETS.add(_name, _params)
 
-_FIELDS = ("iterations", "gauss_sxy", "gauss_compat", "bilateral_sxy", "bilateral_srgb", "bilateral_compat")
+FIELDS = ("iterations", "gauss_sxy", "gauss_compat", "bilateral_sxy", "bilateral_srgb", "bilateral_compat")
 
 
-def resolve(cfg: Any) -> CRFParams:
-    """A CRFConfig (preset + optional per-key overrides, -1 = from preset) -> CRFParams."""
+def resolve(preset: str, **overrides: float) -> CRFParams:
+    """A preset's parameters with some replaced (values < 0 keep the preset's; 'custom' needs all six)."""
     from wsss.errors import ConfigError
 
-    if cfg.preset not in PRESETS:
-        raise ConfigError(f"crf preset {cfg.preset!r} is not one of {', '.join(PRESETS)}")
-    base = PRESETS[cfg.preset]
-    values = {f: getattr(cfg, f) for f in _FIELDS}
+    base = CRF_PRESETS.get(preset)
+    unknown = set(overrides) - set(FIELDS)
+    if unknown:
+        raise ConfigError(f"crf parameters: unknown {', '.join(sorted(unknown))}; known: {', '.join(FIELDS)}")
+    changes = {f: (int(v) if f == "iterations" else float(v)) for f, v in overrides.items() if v >= 0}
     if base is None:
-        missing = [f for f, v in values.items() if v < 0]
+        missing = [f for f in FIELDS if f not in changes]
         if missing:
             raise ConfigError(f"crf preset 'custom' needs {', '.join(missing)} to be set")
-        return CRFParams(**{f: (int(v) if f == "iterations" else float(v)) for f, v in values.items()})
-    changes = {f: (int(v) if f == "iterations" else float(v)) for f, v in values.items() if v >= 0}
+        return CRFParams(**changes)
     return replace(base, **changes)

@@ -26,7 +26,7 @@ from wsss.io.paths import check_sample_id
 
 log = logging.getLogger(__name__)
 
-IGNORE = images.IGNORE_INDEX
+IGNORE = images.IGNORE
 
 
 class Sample(TypedDict, total=False):

@@ -276,7 +276,7 @@ def paint_semantic_mask(anns: list[dict], hw: tuple[int, int], source: Path | st
         m = decode_segmentation(ann, hw, source).astype(bool)
         (crowd if ann.get("iscrowd") else things).append((ann, m))
     for _, m in crowd:
-        out[m] = images.IGNORE_INDEX
+        out[m] = images.IGNORE
     # larger first so smaller objects painted later stay visible; ties by annotation id for determinism
     things.sort(key=lambda t: (-int(t[1].sum()), str(t[0].get("id", ""))))
     for ann, m in things:

@@ -21,7 +21,7 @@ def _pad(x: torch.Tensor, multiple: int = PAD_MULTIPLE) -> tuple[torch.Tensor, t
 def segment_probs(module: Any, image: np.ndarray | torch.Tensor, scales: Sequence[float] = (1.0,), flip: bool = False) -> torch.Tensor:
     """Softmax probabilities (C, H, W) of one (H, W, 3) uint8 image, averaged over scales and flips.
 
-    `module` has `.net` (Segmenter), `.norm` (Normalizer) and a device (a SegModule or a Predictor).
+    `module` has `.net`, `.norm` (Normalizer) and `.logits(x)` (a segmentation method or a Predictor).
     """
     device = next(module.net.parameters()).device
     img = torch.tensor(np.asarray(image), device=device).permute(2, 0, 1)[None].float()
@@ -35,7 +35,7 @@ def segment_probs(module: Any, image: np.ndarray | torch.Tensor, scales: Sequenc
         xp, (hh, ww) = _pad(x)
         if getattr(module.net, "channels_last", False) or next(module.net.parameters()).is_contiguous(memory_format=torch.channels_last):
             xp = xp.contiguous(memory_format=torch.channels_last)
-        logits = module.net(xp)["logits"][..., :hh, :ww]
+        logits = module.logits(xp)[..., :hh, :ww]
         if flip:
             logits = torch.cat([logits[:1], logits[1:].flip(-1)], 0)
         logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)

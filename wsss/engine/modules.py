@@ -1,106 +1,95 @@
-"""LightningModules: what one training step of each network does. Loops, devices, DDP, checkpoints
-and logging are Lightning's job (wsss/engine/trainer.py)."""
+"""Segmentation methods by name (`seg.method`): a network, its training step and its inference.
+
+A segmentation method is a LightningModule subclass registered in `SEG_METHODS`. The stages
+(`train_seg`, `cyclic`, `evaluate`, `predict`) build it from plain arguments and never look at which
+method it is. The built-in `segmenter` is any segmentation_models_pytorch architecture (or `vitseg`)
+trained with a pixel loss and an optional regulariser (wsss/losses). Loops, devices, DDP,
+checkpoints and logging are Lightning's job (wsss/engine/trainer.py).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
-from omegaconf import DictConfig
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from wsss.data.transforms import Normalizer
-from wsss.engine.trainer import poly_schedule, sgd_with_groups
+from wsss.engine.trainer import poly_schedule, sgd_with_groups, train_loader
+from wsss.io.images import IGNORE
 from wsss.losses import build_pixel_loss
 from wsss.metrics import SegMetrics
 from wsss.models.backbones import normalization
-from wsss.models.cam_net import CAMNet
-from wsss.models.segmenter import Segmenter
+from wsss.registry import SEG_METHODS
+
+__all__ = ["SEG_METHODS", "LossSpec", "SegMethod", "SmpSegmenter"]
 
 
-def _prepare(x: torch.Tensor, norm: Normalizer, channels_last: bool) -> torch.Tensor:
-    x = norm(x)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+@dataclass(frozen=True)
+class LossSpec:
+    """The segmenter's loss as plain values: a pixel loss and an optional regulariser, with their options."""
+
+    pixel: str = "ce"
+    pixel_options: Any = None
+    regularizer: str = ""
+    regularizer_options: Any = None
+    uses: dict[str, Any] = field(default_factory=dict)  # other loss sections the regulariser reads
 
 
-class CAMModule(L.LightningModule):
-    """Multi-label classification with the multi-label soft-margin loss (IRN's CAM training)."""
+class SegMethod(L.LightningModule):
+    """Base of segmentation methods: `net` (forward -> {"logits": (N, C, H, W), ...}), its loss, validation."""
 
-    def __init__(self, cfg: DictConfig, num_classes: int):
+    def __init__(self, seg: Any, num_classes: int, class_names: list[str], loss: Optional[LossSpec] = None,
+                 options: Any = None):
+        """seg: the plain `seg` section (arch, encoder, optimiser values); loss: None at inference."""
         super().__init__()
-        self.cfg = cfg.cam
-        self.net = self.build_net(cfg, num_classes)
-        self.norm = Normalizer(*normalization(cfg.cam.backbone))
-        if self.cfg.backbone.channels_last:
+        self.seg, self.options, self.class_names = seg, options, class_names
+        self.net = self.build_net(seg, num_classes, options)
+        self.norm = Normalizer(*normalization(seg.encoder))
+        self.channels_last = bool(seg.encoder.channels_last)
+        if self.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
+        self.loss_spec = loss
+        self.val_confusion = MulticlassConfusionMatrix(num_classes, ignore_index=IGNORE)
 
-    @staticmethod
-    def build_net(cfg: DictConfig, num_classes: int) -> torch.nn.Module:
-        """The CAM network for `cfg.cam.objective` (num_classes includes background)."""
-        if cfg.cam.objective == "seam":
-            from wsss.models.seam import SeamCAMNet
+    # ---- what a method defines ------------------------------------------------------------
+    def build_net(self, seg: Any, num_classes: int, options: Any) -> nn.Module:
+        """The network (with `new_parameters()`)."""
+        raise NotImplementedError
 
-            return SeamCAMNet(cfg.cam.backbone, num_classes)
-        return CAMNet(cfg.cam.backbone, num_classes - 1)
+    def loss(self, x: torch.Tensor, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Normalised images x (N, 3, H, W) and the batch (target (N, H, W), ...) -> (loss, logged parts)."""
+        raise NotImplementedError
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised images (N, 3, H, W) -> class logits (N, C, H, W) for inference."""
+        return self.net(x)["logits"]
+
+    @classmethod
+    def train_loader(cls, dataset: Dataset, batch_size: int, num_workers: int, seed: int, options: Any = None) -> DataLoader:
+        """The training loader (the data hook): by default shuffled batches, the same at any process count."""
+        return train_loader(dataset, batch_size, num_workers, seed)
+
+    def callbacks(self, out_dir: Path) -> list[L.Callback]:
+        """Extra Lightning callbacks for training into `out_dir`."""
+        return []
+
+    # ---- shared -------------------------------------------------------------------------------
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) 0..255 -> normalised, in the memory format the network runs fastest in."""
+        x = self.norm(images)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        x = _prepare(batch["image"], self.norm, self.cfg.backbone.channels_last)
-        if self.cfg.objective == "seam":
-            from wsss.losses.seam import seam_loss
-
-            loss, parts = seam_loss(self.net, x, batch["labels"], self.cfg.seam)
-            for k, v in parts.items():
-                self.log(f"train/{k}", v)
-        else:
-            logits = self.net(x)["logits"]
-            loss = F.multilabel_soft_margin_loss(logits, batch["labels"])
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        opt = sgd_with_groups(self.net.parameters(), self.net.new_parameters(), self.cfg)
-        sched = poly_schedule(opt, int(self.trainer.estimated_stepping_batches), self.cfg.poly_power)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-
-class SegModule(L.LightningModule):
-    """Segmenter training on GT, pseudo masks or scribbles, with the configured loss."""
-
-    def __init__(self, cfg: DictConfig, num_classes: int, class_names: list[str], loss_name: Optional[str] = None):
-        super().__init__()
-        self.cfg = cfg.seg
-        self.class_names = class_names
-        self.net = Segmenter(cfg.seg, num_classes)
-        self.norm = Normalizer(*normalization(cfg.seg.encoder))
-        if self.cfg.encoder.channels_last:
-            self.net = self.net.to(memory_format=torch.channels_last)
-        self.loss_name = loss_name or cfg.seg.loss.name
-        self.pixel_loss = build_pixel_loss(self.loss_name, cfg.seg.loss)
-        self.regularizer = None
-        if self.loss_name in ("pce_densecrf", "dfr"):
-            from wsss.losses.regularized import build_regularizer
-
-            self.regularizer = build_regularizer(self.loss_name, cfg.seg.loss, num_classes, self.net)
-        self.val_confusion = MulticlassConfusionMatrix(num_classes, ignore_index=255)
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        x = _prepare(batch["image"], self.norm, self.cfg.encoder.channels_last)
-        needs_feats = self.regularizer is not None and getattr(self.regularizer, "needs_features", False)
-        out = self.net(x, with_aux=self.cfg.aux_weight > 0, with_features=needs_feats)
-        loss = self.pixel_loss(out["logits"], batch["target"])
-        self.log("train/seg_loss", loss)
-        if "aux" in out:
-            aux = self.pixel_loss(out["aux"], batch["target"])
-            self.log("train/aux_loss", aux)
-            loss = loss + self.cfg.aux_weight * aux
-        if self.regularizer is not None:
-            reg, parts = self.regularizer(out, batch, self.global_step)
-            for k, v in parts.items():
-                self.log(f"train/{k}", v)
-            loss = loss + reg
+        loss, parts = self.loss(self.prepare(batch["image"]), batch)
+        for k, v in parts.items():
+            self.log(f"train/{k}", v)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
@@ -108,21 +97,63 @@ class SegModule(L.LightningModule):
         from wsss.engine.inference import segment_probs
 
         for sample in batch:
-            probs = segment_probs(self, sample["image"], scales=(1.0,), flip=False)
-            pred = probs.argmax(0)
-            self.val_confusion.update(pred.flatten(), torch.from_numpy(np.array(sample["mask"], dtype=np.int64)).to(pred.device).flatten())
+            pred = segment_probs(self, sample["image"], scales=(1.0,), flip=False).argmax(0)
+            gt = torch.from_numpy(np.array(sample["mask"], dtype=np.int64)).to(pred.device)
+            self.val_confusion.update(pred.flatten(), gt.flatten())
 
     def on_validation_epoch_end(self) -> None:
         matrix = self.val_confusion.compute().cpu().numpy()
         self.val_confusion.reset()
-        metrics = SegMetrics.from_confusion(matrix, class_names=self.class_names)
-        self.log("val/miou", metrics.miou, prog_bar=True, sync_dist=False)
+        self.log("val/miou", SegMetrics.from_confusion(matrix, class_names=self.class_names).miou, prog_bar=True)
+
+    def extra_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters outside `net` (e.g. a regulariser's head), trained at the new-layer rate."""
+        return []
 
     def configure_optimizers(self) -> dict[str, Any]:
-        opt = sgd_with_groups(self.net.parameters(), self.net.new_parameters(), self.cfg)
-        if self.regularizer is not None and hasattr(self.regularizer, "parameters"):
-            extra = [p for p in self.regularizer.parameters() if p.requires_grad]
-            if extra:
-                opt.add_param_group({"params": extra, "lr": self.cfg.lr * self.cfg.new_layer_lr_mult})
-        sched = poly_schedule(opt, int(self.trainer.estimated_stepping_batches), self.cfg.poly_power)
+        opt = sgd_with_groups(self.net.parameters(), self.net.new_parameters(), self.seg)
+        extra = [p for p in self.extra_parameters() if p.requires_grad]
+        if extra:
+            opt.add_param_group({"params": extra, "lr": self.seg.lr * self.seg.new_layer_lr_mult})
+        sched = poly_schedule(opt, int(self.trainer.estimated_stepping_batches), self.seg.poly_power)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+@SEG_METHODS.register("segmenter")
+class SmpSegmenter(SegMethod):
+    """Any smp architecture on a timm encoder (or `vitseg`), optional FCN aux head, pixel loss + regulariser."""
+
+    def __init__(self, seg: Any, num_classes: int, class_names: list[str], loss: Optional[LossSpec] = None,
+                 options: Any = None):
+        super().__init__(seg, num_classes, class_names, loss, options)
+        self.pixel_loss = self.regularizer = None
+        if loss is not None:
+            self.pixel_loss = build_pixel_loss(loss.pixel, loss.pixel_options)
+            if loss.regularizer:
+                from wsss.losses.regularized import RegularizerContext, build_regularizer, decoder_channels
+
+                context = RegularizerContext(num_classes, decoder_channels(self.net), dict(loss.uses))
+                self.regularizer = build_regularizer(loss.regularizer, loss.regularizer_options, context)
+
+    def build_net(self, seg: Any, num_classes: int, options: Any) -> nn.Module:
+        from wsss.models.segmenter import Segmenter
+
+        return Segmenter(seg.arch, seg.encoder, num_classes, dict(seg.arch_kwargs), aux_head=seg.aux_weight > 0)
+
+    def loss(self, x: torch.Tensor, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        needs_feats = self.regularizer is not None and getattr(self.regularizer, "needs_features", False)
+        out = self.net(x, with_aux=self.seg.aux_weight > 0, with_features=needs_feats)
+        loss = self.pixel_loss(out["logits"], batch["target"])
+        parts = {"seg_loss": loss.detach()}
+        if "aux" in out:
+            aux = self.pixel_loss(out["aux"], batch["target"])
+            parts["aux_loss"] = aux.detach()
+            loss = loss + self.seg.aux_weight * aux
+        if self.regularizer is not None:
+            reg, reg_parts = self.regularizer(out, batch, self.global_step)
+            parts.update(reg_parts)
+            loss = loss + reg
+        return loss, parts
+
+    def extra_parameters(self) -> list[nn.Parameter]:
+        return list(self.regularizer.parameters()) if self.regularizer is not None else []

@@ -1,33 +1,26 @@
-"""A trained segmenter loaded from a run directory, for evaluation, prediction and cyclic masks."""
+"""A trained segmentation method on a device, for evaluation, prediction and cyclic masks."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 
 from wsss.crf.presets import CRFParams
-from wsss.data.transforms import Normalizer
-from wsss.engine.export import load_weights
 from wsss.engine.inference import segment_probs
-from wsss.models.backbones import normalization
-from wsss.models.segmenter import Segmenter
 
 
 class Predictor:
-    """Wraps net + normaliser on a device; `labels()` gives (H, W) uint8 predictions."""
+    """Wraps a segmentation method (net + normaliser) in eval mode; `labels()` gives (H, W) uint8 predictions."""
 
-    def __init__(self, cfg: DictConfig, model_dir: Path, class_names: list[str], device: torch.device):
-        self.net = Segmenter(cfg.seg, len(class_names))
-        load_weights(self.net, model_dir, "seg", class_names)
-        self.net = self.net.to(device).eval()
-        if cfg.seg.encoder.channels_last:
-            self.net = self.net.to(memory_format=torch.channels_last)
-        self.norm = Normalizer(*normalization(cfg.seg.encoder)).to(device)
-        self.class_names = class_names
+    def __init__(self, method: torch.nn.Module, device: torch.device):
+        self.method = method.to(device).eval()
+        self.net, self.norm = self.method.net, self.method.norm
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised images (N, 3, H, W) -> logits (N, C, H, W)."""
+        return self.method.logits(x)
 
     def probs(self, image: np.ndarray, scales: Sequence[float] = (1.0,), flip: bool = False) -> torch.Tensor:
         """(H, W, 3) uint8 -> (C, H, W) softmax probabilities."""

@@ -29,20 +29,9 @@ from wsss.config import section_hash, to_yaml
 from wsss.engine import dist
 from wsss.errors import ConfigError, RunDirError
 from wsss.io import atomic
+from wsss.registry import STAGES
 
 log = logging.getLogger(__name__)
-
-# What each stage's outputs depend on: config sections plus the stages it reads from.
-STAGE_INPUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "train_cam": (("data", "cam", "trainer.seed"), ()),
-    "cam": (("cam_infer", "data.dataset", "data.root", "data.train_split", "data.max_images"), ("train_cam",)),
-    "pseudo": (("pseudo",), ("cam",)),
-    "train_seg": (("seg", "data", "trainer.seed"), ("pseudo",)),
-    "cyclic": (("cyclic", "seg"), ("train_seg",)),
-    "evaluate": (("eval",), ("train_seg", "cyclic")),
-    "report": (("report",), ("evaluate",)),
-}
-
 
 def package_versions() -> dict[str, str]:
     """Versions of the packages a result depends on."""
@@ -125,11 +114,9 @@ class RunDir:
     def stage_hash(self, stage: str) -> str:
         """Hash of what the stage's outputs depend on (its config sections and upstream hashes)."""
         if stage not in self._hashes:
-            keys, upstream = STAGE_INPUTS[stage]
-            upstream = tuple(u for u in upstream if u in self.cfg.run.stages)
-            if stage == "train_seg" and self.cfg.seg.labels != "pseudo":
-                upstream = ()  # trained on GT masks or scribbles: no pseudo-mask stage involved
-            parts = [section_hash(self.cfg, list(keys))] + [self.stage_hash(u) for u in upstream]
+            entry = STAGES.get(stage)  # what the stage table says its outputs depend on
+            upstream = tuple(u for u in entry.upstream(self.cfg) if u in self.cfg.run.stages and u != stage)
+            parts = [section_hash(self.cfg, list(entry.reads))] + [self.stage_hash(u) for u in upstream]
             self._hashes[stage] = section_hash_text("|".join(parts))
         return self._hashes[stage]
 

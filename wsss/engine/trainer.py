@@ -71,6 +71,30 @@ class ResumeBookkeeping(L.Callback):
             logger.save()
 
 
+class KeepBestVal(L.Callback):
+    """Exports the weights with the best val mIoU seen so far to `<out>/best_val/` (uses val ground truth)."""
+
+    def __init__(self, out: Path, section: Any, class_names: list[str]):
+        self.out, self.section, self.class_names = out / "best_val", section, class_names
+        self.best, self.step = float("-inf"), -1
+
+    def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        from wsss.engine.export import export_net
+
+        miou = trainer.callback_metrics.get("val/miou")
+        if miou is None or trainer.sanity_checking or float(miou) <= self.best:
+            return
+        self.best, self.step = float(miou), int(trainer.global_step)
+        if trainer.is_global_zero:
+            export_net(module.net, self.out, "seg", self.section, self.class_names)
+
+    def state_dict(self) -> dict:  # saved in checkpoints, so a resumed run remembers the best so far
+        return {"best": self.best, "step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.step = state["best"], state["step"]
+
+
 def configure_threads(cfg: DictConfig) -> None:
     """Apply trainer.threads (torch intra-op threads) if set."""
     if cfg.trainer.threads > 0:
@@ -119,7 +143,7 @@ def build_trainer(cfg: DictConfig, out_dir: Path, epochs: int, max_steps: int, v
         default_root_dir=str(out_dir), enable_model_summary=False, num_sanity_val_steps=0,
         check_val_every_n_epoch=val_every if val_every > 0 else None if max_steps > 0 else 10**9,
         log_every_n_steps=log_every, deterministic=cfg.trainer.deterministic or False,
-        use_distributed_sampler=True,
+        use_distributed_sampler=False,  # our loaders shard themselves (train_loader; a method's own sampler)
     )
     io.trainer = trainer
     return trainer

@@ -19,7 +19,7 @@ from wsss.io import atomic
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = 255
+IGNORE = 255  # the label that means 'no label' everywhere in wsss (masks, pseudo masks, losses)
 DEFAULT_MAX_PIXELS = 50_000_000  # ~7000 x 7000; larger files are rejected before decoding
 
 # Modes PIL decodes that we convert to RGB under the default "convert" policy, and why.
@@ -183,7 +183,7 @@ def read_index_png(
     if expected_hw is not None and arr.shape != tuple(expected_hw):
         raise DataError(path, f"{what} size {arr.shape[1]}x{arr.shape[0]} (WxH) differs from its image "
                               f"{expected_hw[1]}x{expected_hw[0]}")
-    bad = np.unique(arr[(arr >= num_classes) & (arr != IGNORE_INDEX)])
+    bad = np.unique(arr[(arr >= num_classes) & (arr != IGNORE)])
     if bad.size:
         shown = ", ".join(str(int(v)) for v in bad[:8])
         raise DataError(path, f"{what} has values {{{shown}}} outside the class range 0..{num_classes - 1} (and 255 = ignore)")

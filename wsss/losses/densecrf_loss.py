@@ -14,6 +14,8 @@ kernel instead (tests, calibration). docs/methods/scribbles.md derives the loss 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from typing import Optional
 
 import torch
@@ -23,6 +25,16 @@ from torch import Tensor, nn
 from wsss.crf.filters import BilateralFilter, bilateral_features
 
 KERNELS = ("lattice", "exact")
+
+
+@dataclass
+class DenseCRFLossOptions:
+    """`seg.loss.densecrf`: the DenseCRF loss as rloss computes it; weight in our units (docs/methods/scribbles.md)."""
+
+    weight: float = 2.4e-8  # = rloss's 2e-9 x its batch size 12 (our pCE is not divided by the batch size)
+    sigma_rgb: float = 15.0
+    sigma_xy: float = 100.0  # full-resolution pixels; multiplied by `scale` like rloss
+    scale: float = 0.5  # compute on a downscaled output (rloss --rloss-scale)
 
 
 def dense_bilateral_filter(image: Tensor, values: Tensor, sigma_xy: float, sigma_rgb: float,

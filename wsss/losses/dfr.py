@@ -21,14 +21,34 @@ The paper has no public code; every choice below is ours and docs/methods/scribb
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-IGNORE = 255
+from wsss.io.images import IGNORE
+
 _EPS = 1e-6
+
+
+@dataclass
+class DFROptions:
+    """`seg.loss.dfr`: a dense kernel on a coarse grid over joint shallow (xy, rgb) and deep
+    (feature-consistency-head) features, plus the head's pair-wise loss (docs/methods/scribbles.md)."""
+
+    weight: float = 1.0  # the deep-kernel Potts term, normalised to [0, 1] per image
+    sigma_xy: float = 80.0  # input pixels
+    sigma_rgb: float = 30.0
+    sigma_deep: float = 0.5  # on unit-length embeddings (|e_i - e_j|^2 in [0, 4])
+    size: int = 32  # grid cells along the longer side where the dense kernel is computed
+    feature_dim: int = 32  # consistency-head embedding size
+    head_channels: int = 64
+    consistency_weight: float = 0.1
+    confidence: float = 0.9  # predicted cells above this join the scribbles as pair labels for the head
+    densecrf: bool = True  # also add the full-resolution DenseCRF loss of seg.loss.densecrf
+    warmup_steps: int = 0  # the deep-kernel term starts after this many steps (the head trains from step 0)
 
 
 def grid_shape(height: int, width: int, size: int) -> tuple[int, int]:

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-IGNORE = 255
+from wsss.io.images import IGNORE
+
+
+@dataclass
+class PUFOptions:
+    """`seg.loss.puf`: PMM's loss switch (clamp | pow | ignore), the mean-loss threshold beta and k."""
+
+    type: str = "clamp"
+    beta: float = 0.5
+    k: float = 0.5
 
 
 def pretended_under_fitting(logits: torch.Tensor, target: torch.Tensor, kind: str = "clamp",

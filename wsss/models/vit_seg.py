@@ -106,11 +106,11 @@ class ViTSegModel(nn.Module):
         return self.segmentation_head(self.decoder(self.encoder(x)))
 
 
-def build_vit_seg(seg_cfg: Any, num_classes: int) -> ViTSegModel:
+def build_vit_seg(encoder: Any, num_classes: int, arch_kwargs: dict[str, Any]) -> ViTSegModel:
     """The `vitseg` model for a SegConfig; arch_kwargs: decoder_channels, num_levels, and timm kwargs (e.g. patch_size)."""
-    kwargs = dict(seg_cfg.arch_kwargs)
-    model = ViTSegModel(seg_cfg.encoder.name, seg_cfg.encoder.weights == "imagenet", num_classes,
+    kwargs = dict(arch_kwargs)
+    model = ViTSegModel(encoder.name, encoder.weights == "imagenet", num_classes,
                         decoder_channels=int(kwargs.pop("decoder_channels", 128)),
                         num_levels=int(kwargs.pop("num_levels", 4)), **kwargs)
-    model.encoder.freeze(seg_cfg.encoder.frozen_stages)
+    model.encoder.freeze(encoder.frozen_stages)
     return model

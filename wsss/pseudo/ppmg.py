@@ -1,6 +1,6 @@
 """Proportional Pseudo-mask Generation (PPMG), PMM (ICCV 2021), as `pipline/refine_cam.py::ppmg` runs it.
 
-For each present class k, with v_k its CAM and s_k the CoV-smoothed map (wsss/cam/cov.py; s_k = v_k
+For each present class k, with v_k its CAM and s_k the CoV-smoothed map (wsss/pseudo/cov.py; s_k = v_k
 when `pseudo.cov.enabled` is false):
   1. a 2-label dense CRF on [(1 - s_k)^alpha, s_k] (unaries -log p, the `pmm_ppmg` CRF preset);
   2. foreground fg_k = [CRF probability of k > fg_threshold];
@@ -13,12 +13,23 @@ PPMG produces no ignore label.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
+from wsss.config import CRFConfig
 from wsss.crf.presets import CRFParams
+
+
+@dataclass
+class PPMGOptions:
+    """`pseudo.ppmg`: PMM's --crf_threshs (alpha), the foreground threshold and its 2-label CRF."""
+
+    alpha: float = 11.0
+    fg_threshold: float = 0.5
+    crf: CRFConfig = field(default_factory=lambda: CRFConfig(preset="pmm_ppmg"))
 
 
 def class_foregrounds(image: np.ndarray, smoothed: np.ndarray, alpha: float, params: CRFParams,
@@ -60,18 +71,15 @@ def ppmg_labels(image: np.ndarray, classes: np.ndarray, cams: np.ndarray, alpha:
     return keys[proportional_labels(cams, fg)]
 
 
-def make_ppmg_generator(pseudo_cfg: Any):
-    """Generator for `pseudo.method: ppmg` (CoV smoothing feeds the CRF when `pseudo.cov.enabled`)."""
-    from wsss.cam.cov import cov_smooth
-    from wsss.crf import presets
-
-    params = presets.resolve(pseudo_cfg.ppmg_crf)
-    cov = pseudo_cfg.cov
+def make_ppmg_generator(alpha: float, fg_threshold: float, crf: CRFParams,
+                        cov: Optional[tuple[float, float]] = None) -> Callable[[np.ndarray, np.ndarray, Optional[np.ndarray]], np.ndarray]:
+    """(classes, cams, image) -> labels by PPMG; `cov` = (scale, threshold) smooths the maps its CRF sees."""
+    from wsss.pseudo.cov import cov_smooth
 
     def generate(classes: np.ndarray, cams: np.ndarray, image: Optional[np.ndarray]) -> np.ndarray:
         if image is None:
             raise ValueError("PPMG needs the image (its dense CRF is image-dependent)")
-        smoothed = cov_smooth(cams, cov.scale, cov.threshold) if cov.enabled else None
-        return ppmg_labels(image, classes, cams, pseudo_cfg.ppmg.alpha, params, pseudo_cfg.ppmg.fg_threshold, smoothed)
+        smoothed = cov_smooth(cams, *cov) if cov is not None else None
+        return ppmg_labels(image, classes, cams, alpha, crf, fg_threshold, smoothed)
 
     return generate

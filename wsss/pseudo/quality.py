@@ -9,7 +9,8 @@ from typing import Iterable, Sequence
 from wsss.cam.store import read_cams
 from wsss.data.base import SegDataset
 from wsss.io.images import read_index_png
-from wsss.metrics import ConfusionMatrix, SegMetrics, cam_labels
+from wsss.metrics import ConfusionMatrix, SegMetrics
+from wsss.pseudo.threshold import cam_labels
 
 DEFAULT_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 13))  # 0.05 .. 0.60
 

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from wsss.metrics import cam_labels
+from wsss.crf.presets import CRFParams
+from wsss.io.images import IGNORE
 
-IGNORE = 255
+
+def cam_labels(cams: np.ndarray, classes: np.ndarray, bg_threshold: float) -> np.ndarray:
+    """(K, H, W) CAMs of the present classes -> (H, W) labels with a constant background score."""
+    h, w = cams.shape[1:]
+    if len(classes) == 0:
+        return np.zeros((h, w), dtype=np.uint8)
+    scores = np.concatenate([np.full((1, h, w), bg_threshold, dtype=np.float32), cams.astype(np.float32)], 0)
+    keys = np.concatenate([[0], classes]).astype(np.uint8)
+    return keys[scores.argmax(0)]
 
 
 def threshold_mask(classes: np.ndarray, cams: np.ndarray, bg_threshold: float, ignore_band: Sequence[float] = ()) -> np.ndarray:
@@ -38,21 +47,19 @@ def cam_probabilities(classes: np.ndarray, cams: np.ndarray, alpha: float) -> np
     return scores / (scores.sum(0, keepdims=True) + 1e-5)
 
 
-def make_threshold_generator(pseudo_cfg: Any, bg_threshold: float):
-    """Generator for `pseudo.method: threshold`."""
-    band = list(pseudo_cfg.ignore_band)
-    if not pseudo_cfg.crf:
+def make_threshold_generator(bg_threshold: float, band: Sequence[float] = (), crf: Optional[CRFParams] = None,
+                             crf_alpha: float = 4.0) -> Callable[[np.ndarray, np.ndarray, Optional[np.ndarray]], np.ndarray]:
+    """(classes, cams, image) -> labels: background threshold, optional band, optional dense CRF (needs the image)."""
+    band = list(band)
+    if crf is None:
         return lambda classes, cams, image: threshold_mask(classes, cams, bg_threshold, band)
 
-    from wsss.crf import presets
     from wsss.pseudo.refine import crf_labels
 
-    params = presets.resolve(pseudo_cfg.crf_params)
-
     def generate(classes: np.ndarray, cams: np.ndarray, image: Optional[np.ndarray]) -> np.ndarray:
-        probs = cam_probabilities(classes, cams, pseudo_cfg.crf_alpha)
+        probs = cam_probabilities(classes, cams, crf_alpha)
         keys = np.concatenate([[0], classes]).astype(np.uint8)
-        labels = keys[crf_labels(image, probs, params)]
+        labels = keys[crf_labels(image, probs, crf)]
         if len(band) == 2 and len(classes):
             strongest = cams.max(0)
             labels[(strongest >= band[0]) & (strongest < band[1])] = IGNORE

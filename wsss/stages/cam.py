@@ -17,31 +17,22 @@ from tqdm import tqdm
 
 from wsss.cam.infer import CamFn, multiscale_cams
 from wsss.cam.store import write_cams
-from wsss.data.transforms import Normalizer
 from wsss.engine import dist
 from wsss.engine.export import load_weights
-from wsss.engine.modules import CAMModule
 from wsss.engine.rundir import RunDir
 from wsss.engine.trainer import configure_threads
-from wsss.models.backbones import normalization
-from wsss.stages.common import (inference_device, iterate_groups, release_memory, size_groups, split_dataset,
-                                stack_images, stage_main)
+from wsss.stages.common import (cam_method, cam_split, inference_device, iterate_groups, release_memory, size_groups,
+                                split_dataset, stack_images, stage_main)
 
 log = logging.getLogger("wsss")
 STAGE = "cam"
 
 
-def cam_split(cfg) -> str:
-    return cfg.cam_infer.split or cfg.data.train_split
-
-
-def load_cam_net(rd: RunDir, num_classes: int, class_names: list[str], device: torch.device) -> torch.nn.Module:
-    net = CAMModule.build_net(rd.cfg, num_classes)
-    load_weights(net, rd.sub("cam"), "cam", class_names)
-    net = net.to(device).eval()
-    if rd.cfg.cam.backbone.channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    return net
+def load_cam_method(rd: RunDir, num_classes: int, class_names: list[str], device: torch.device) -> torch.nn.Module:
+    """The recipe's CAM method with the weights trained into cam/, in eval mode on `device`."""
+    method = cam_method(rd.cfg, num_classes)
+    load_weights(method.net, rd.sub("cam"), "cam", class_names)
+    return method.to(device).eval()
 
 
 def run(rd: RunDir) -> dict:
@@ -56,8 +47,8 @@ def run(rd: RunDir) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         ds = split_dataset(cfg, cam_split(cfg))
         device = inference_device(cfg)
-        net = load_cam_net(rd, ds.num_classes, ds.class_names, device)
-        norm = Normalizer(*normalization(cfg.cam.backbone)).to(device)
+        method = load_cam_method(rd, ds.num_classes, ds.class_names, device)
+        norm = method.norm
         # Whole batches of equal-size images are sharded, and redone if any member is missing, so each
         # image is computed in the same batch at any process count and after a resume: identical bits.
         mine = dist.shard(size_groups(ds, ds.ids, 1 if cfg.cam_infer.mode == "multicrop" else cfg.cam_infer.batch_size))
@@ -65,12 +56,14 @@ def run(rd: RunDir) -> dict:
         todo = [sid for g in groups for sid in g]
         if len(todo) < sum(map(len, mine)):
             log.info("cam: resuming, %d of %d images already done", sum(map(len, mine)) - len(todo), sum(map(len, mine)))
-        cam_fn = cam_function(net, cfg, device)
+        cam_fn = cam_function(method, cfg.cam_infer.output, cfg.cam_infer.engine, device)
         start = time.time()
         if cfg.cam_infer.mode == "multicrop":
             from wsss.cam.multicrop import run_multicrop
 
-            run_multicrop(cam_fn, norm, ds, todo, out, cfg, device)
+            mc = cfg.cam_infer.multicrop
+            run_multicrop(cam_fn, norm, ds, todo, out, device, list(mc.scales), mc.crop_size, mc.stride,
+                          cfg.cam_infer.flip, cfg.cam_infer.batch_size)
         else:
             bar = tqdm(total=len(todo), desc="cam", disable=None if dist.is_main() else True, leave=False)
             for samples in iterate_groups(ds, groups, cfg.trainer.num_workers):
@@ -94,21 +87,19 @@ def run(rd: RunDir) -> dict:
     return metrics
 
 
-def cam_function(net: torch.nn.Module, cfg, device: torch.device = torch.device("cpu")) -> CamFn:
-    """normalised images (N, 3, H, W) -> raw foreground CAMs (N, K, h, w): the configured output and engine."""
-    if cfg.cam.objective == "seam":
-        def cams(x: torch.Tensor) -> torch.Tensor:
-            return net.infer_cams(x, cfg.cam_infer.output)
-    else:
-        def cams(x: torch.Tensor) -> torch.Tensor:
-            return net(x)["cams"]
-    if cfg.cam_infer.engine == "onnxruntime":
+def cam_function(method: torch.nn.Module, output: str = "cam", engine: str = "torch",
+                 device: torch.device = torch.device("cpu")) -> CamFn:
+    """normalised images (N, 3, H, W) -> raw foreground CAMs (N, K, h, w): the method's `output`, run by `engine`."""
+    def cams(x: torch.Tensor) -> torch.Tensor:
+        return method.cams(x, output)
+
+    if engine == "onnxruntime":
         if device.type == "cpu":
             from wsss.cam.onnx_engine import onnx_cam_fn
 
-            return onnx_cam_fn(net, cams, torch.get_num_threads())
+            return onnx_cam_fn(method.net, cams, torch.get_num_threads())
         log.warning("cam: cam_infer.engine=onnxruntime runs on CPU only; using torch on %s", device)
-    if cfg.cam.backbone.channels_last:
+    if method.channels_last:
         return lambda x: cams(x.contiguous(memory_format=torch.channels_last))
     return cams
 

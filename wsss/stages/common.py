@@ -1,5 +1,6 @@
-"""What every stage script shares: loading the recipe into a run directory, devices, data loaders,
-and the `python -m wsss.stages.<stage> RECIPE [key=value ...]` entry point."""
+"""What the stage scripts share: devices, data sets and loaders, memory, and the
+`python -m wsss.stages.<stage> RECIPE [key=value ...]` entry point. Stages import helpers from here,
+never from each other."""
 
 from __future__ import annotations
 
@@ -9,17 +10,21 @@ import functools
 import logging
 import sys
 from collections import defaultdict
-from typing import Any, Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from wsss.config import load_recipe
+from wsss.config import options, plain
+from wsss.crf import presets
+from wsss.crf.presets import CRFParams
 from wsss.data import SegDataset, build_dataset
 from wsss.engine import dist
 from wsss.engine.rundir import RunDir
 from wsss.io.images import image_size
+from wsss.registry import CAM_METHODS, REGULARIZERS, SEG_METHODS
 
 log = logging.getLogger("wsss")
 
@@ -33,11 +38,9 @@ def setup_logging(verbose: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def open_run(recipe: str | None, overrides: Iterable[str] = (), force: bool = False) -> RunDir:
-    """Resolve the recipe and prepare its run directory (config.yaml, manifest.json)."""
-    cfg = load_recipe(recipe, list(overrides))
-    dist.init()
-    return RunDir(cfg, force=force).prepare()
+def cam_split(cfg: DictConfig) -> str:
+    """The split CAMs and pseudo masks are made for (cam_infer.split, default the train split)."""
+    return cfg.cam_infer.split or cfg.data.train_split
 
 
 def inference_device(cfg: DictConfig) -> torch.device:
@@ -45,6 +48,44 @@ def inference_device(cfg: DictConfig) -> torch.device:
     if cfg.trainer.accelerator == "cpu":
         return torch.device("cpu")
     return dist.device()
+
+
+def crf_params(section: Any) -> CRFParams:
+    """A recipe's CRF section (preset + overrides, -1 = the preset's) -> CRFParams."""
+    return presets.resolve(**{k: section[k] for k in ("preset", *presets.FIELDS)})
+
+
+def cam_method(cfg: DictConfig, num_classes: int) -> Any:
+    """The recipe's CAM method (a LightningModule) built from plain arguments; num_classes includes background."""
+    name = cfg.cam.method
+    return CAM_METHODS.get(name)(plain(cfg.cam.backbone), num_classes, plain(cfg.cam), options(cfg, "cam", name))
+
+
+def loss_spec(cfg: DictConfig, pixel: Optional[str] = None) -> Any:
+    """The recipe's segmentation loss as plain values (`pixel` replaces seg.loss.name, e.g. cyclic rounds)."""
+    from wsss.engine.modules import LossSpec
+
+    loss = cfg.seg.loss
+    pixel = pixel or loss.name
+    reg = loss.regularizer
+    uses = {u: options(cfg, "seg.loss", u) for u in (REGULARIZERS.uses.get(reg, ()) if reg else ())}
+    return LossSpec(pixel, options(cfg, "seg.loss", pixel), reg, options(cfg, "seg.loss", reg), uses)
+
+
+def seg_method(cfg: DictConfig, class_names: list[str], loss: Any = None) -> Any:
+    """The recipe's segmentation method (a LightningModule) built from plain arguments (loss None: inference)."""
+    name = cfg.seg.method
+    return SEG_METHODS.get(name)(plain(cfg.seg), len(class_names), class_names, loss, options(cfg, "seg", name))
+
+
+def load_predictor(cfg: DictConfig, model_dir: Path, class_names: list[str], device: torch.device) -> Any:
+    """The segmentation method trained into `model_dir`, ready to predict on `device`."""
+    from wsss.engine.export import load_weights
+    from wsss.engine.predictor import Predictor
+
+    method = seg_method(cfg, class_names)
+    load_weights(method.net, model_dir, "seg", class_names)
+    return Predictor(method, device)
 
 
 def split_dataset(cfg: DictConfig, split: str) -> SegDataset:
@@ -119,7 +160,8 @@ def release_memory() -> None:
 
 def stage_main(stage: str, run_fn: Callable[[RunDir], Any], description: str) -> None:
     """Entry point of `python -m wsss.stages.<stage> RECIPE [key=value ...] [--force]`."""
-    from wsss.cli import run_guarded
+    from wsss.errors import run_guarded
+    from wsss.pipeline import open_run
 
     parser = argparse.ArgumentParser(prog=f"python -m wsss.stages.{stage}", description=description)
     parser.add_argument("recipe", help="recipe YAML (configs/*.yaml)")
@@ -128,3 +170,55 @@ def stage_main(stage: str, run_fn: Callable[[RunDir], Any], description: str) ->
     args = parser.parse_args()
     setup_logging()
     run_guarded(lambda: run_fn(open_run(args.recipe, args.overrides, args.force)))
+
+
+def train_segmenter(rd: RunDir, out: Path, source: str, pseudo_dir: Optional[Path], pixel_loss: Optional[str] = None,
+                    keep_best_val: bool = False) -> dict:
+    """Train one segmentation method into `out` (train_seg and every cyclic round); returns its metrics.
+
+    keep_best_val: validate every seg.val_every epochs (>= 1) and export the weights with the best val
+    mIoU (PMM's official model selection; it looks at val ground truth).
+    """
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from wsss.data.transforms import InferenceSet, SegmentationSet, collate_list, train_augment
+    from wsss.engine.export import export_net, load_weights
+    from wsss.engine.trainer import KeepBestVal, build_trainer, configure_threads, fit
+
+    cfg = rd.cfg
+    configure_threads(cfg)
+    L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
+    ds = split_dataset(cfg, cfg.data.train_split)
+    module = seg_method(cfg, ds.class_names, loss_spec(cfg, pixel_loss))
+    train_set = SegmentationSet(ds, source, train_augment(cfg.seg, with_masks=True), pseudo_dir)
+    loader = module.train_loader(train_set, cfg.seg.batch_size, cfg.trainer.num_workers, cfg.trainer.seed, module.options)
+    val_every = max(1, cfg.seg.val_every) if keep_best_val else cfg.seg.val_every
+    val_loader = None
+    if val_every > 0:
+        val = split_dataset(cfg, cfg.eval.split or cfg.data.val_split)
+        if val.has_masks:
+            val_loader = DataLoader(InferenceSet(val, val.ids, ("image", "mask")), batch_size=1, collate_fn=collate_list,
+                                    num_workers=cfg.trainer.num_workers)
+    keep = KeepBestVal(out, cfg.seg, ds.class_names) if keep_best_val and val_loader is not None else None
+    trainer = build_trainer(cfg, out, cfg.seg.epochs, cfg.seg.max_steps, val_every=val_every if val_loader else 0,
+                            steps_per_epoch=len(loader), callbacks=[*module.callbacks(out), *([keep] if keep else [])])
+    loss = module.loss_spec
+    log.info("%s: %s %s/%s on %d images, labels=%s, loss=%s%s, %s", out.name, cfg.seg.method, cfg.seg.arch,
+             cfg.seg.encoder.name, len(ds), source, loss.pixel, f" + {loss.regularizer}" if loss.regularizer else "",
+             f"{cfg.seg.max_steps} steps" if cfg.seg.max_steps > 0 else f"{cfg.seg.epochs} epochs")
+    start = fit(trainer, module, out, loader, val_loader)
+    if dist.is_main():
+        if keep is not None and keep.step >= 0:  # best-val weights become the model
+            load_weights(module.net, keep.out, "seg", ds.class_names)
+        export_net(module.net, out, "seg", cfg.seg, ds.class_names)
+    dist.barrier()
+    metrics = {"steps": int(trainer.global_step), "resumed_from_step": start, "images": len(ds), "labels": source,
+               "loss": loss.pixel + (f"+{loss.regularizer}" if loss.regularizer else ""),
+               "final_loss": float(trainer.callback_metrics.get("train/loss", float("nan")))}
+    if keep is not None:
+        metrics.update(selected_step=keep.step, selected_val_miou_uses_gt=round(keep.best, 4) if keep.step >= 0 else None)
+    elif "val/miou" in trainer.callback_metrics:
+        metrics["last_val_miou_monitor"] = float(trainer.callback_metrics["val/miou"])
+    return metrics
+

@@ -21,22 +21,14 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import lightning as L
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from wsss.crf import presets
-from wsss.data.transforms import InferenceSet, SegmentationSet, collate_list, train_augment
 from wsss.engine import dist
-from wsss.engine.export import export_net, load_weights
-from wsss.engine.modules import SegModule
-from wsss.engine.predictor import Predictor
 from wsss.engine.rundir import RunDir
-from wsss.engine.trainer import build_trainer, configure_threads, fit, train_loader
+from wsss.engine.trainer import configure_threads
 from wsss.io.images import write_index_png
 from wsss.pseudo.quality import mask_quality
-from wsss.stages.common import inference_device, split_dataset, stage_main
-from wsss.stages.train_seg import train_segmenter
+from wsss.stages.common import crf_params, inference_device, load_predictor, split_dataset, stage_main, train_segmenter
 
 log = logging.getLogger("wsss")
 STAGE = "cyclic"
@@ -51,8 +43,8 @@ def predict_masks(rd: RunDir, model_dir: Path, out: Path) -> int:
     """Write `out/<id>.png` for this rank's share of the training images; returns how many were computed."""
     cfg = rd.cfg
     ds = split_dataset(cfg, cfg.data.train_split)
-    predictor = Predictor(cfg, model_dir, ds.class_names, inference_device(cfg))
-    crf = presets.resolve(cfg.cyclic.crf_params) if cfg.cyclic.crf else None
+    predictor = load_predictor(cfg, model_dir, ds.class_names, inference_device(cfg))
+    crf = crf_params(cfg.cyclic.crf_params) if cfg.cyclic.crf else None
     out.mkdir(parents=True, exist_ok=True)
     todo = [sid for sid in dist.shard(ds.ids) if not (out / f"{sid}.png").exists()]
     for sid in tqdm(todo, desc=out.name, disable=None if dist.is_main() else True, leave=False):
@@ -62,53 +54,6 @@ def predict_masks(rd: RunDir, model_dir: Path, out: Path) -> int:
     if missing:
         raise RuntimeError(f"cyclic: {len(missing)} masks missing in {out} (e.g. {missing[0]})")
     return len(todo)
-
-
-class KeepBestVal(L.Callback):
-    """Exports the weights with the best val mIoU seen so far to `<out>/best_val/` (uses val ground truth)."""
-
-    def __init__(self, out: Path, seg_cfg, class_names: list[str]):
-        self.out, self.seg_cfg, self.class_names = out / "best_val", seg_cfg, class_names
-        self.best, self.step = float("-inf"), -1
-
-    def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        miou = trainer.callback_metrics.get("val/miou")
-        if miou is None or trainer.sanity_checking or float(miou) <= self.best:
-            return
-        self.best, self.step = float(miou), int(trainer.global_step)
-        if trainer.is_global_zero:
-            export_net(module.net, self.out, "seg", self.seg_cfg, self.class_names)
-
-    def state_dict(self) -> dict:  # saved in checkpoints, so a resumed run remembers the best so far
-        return {"best": self.best, "step": self.step}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.best, self.step = state["best"], state["step"]
-
-
-def train_best_val(rd: RunDir, out: Path, pseudo_dir: Path, loss_name: str) -> dict:
-    """train_segmenter, validating every seg.val_every epochs (>= 1) and keeping the best-val weights."""
-    cfg = rd.cfg
-    configure_threads(cfg)
-    L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
-    ds = split_dataset(cfg, cfg.data.train_split)
-    val = split_dataset(cfg, cfg.eval.split or cfg.data.val_split)
-    loader = train_loader(SegmentationSet(ds, "pseudo", train_augment(cfg.seg, with_masks=True), pseudo_dir),
-                          cfg.seg.batch_size, cfg.trainer.num_workers, cfg.trainer.seed)
-    val_loader = DataLoader(InferenceSet(val, val.ids, ("image", "mask")), batch_size=1, collate_fn=collate_list,
-                            num_workers=cfg.trainer.num_workers)
-    module = SegModule(cfg, ds.num_classes, ds.class_names, loss_name)
-    keep = KeepBestVal(out, cfg.seg, ds.class_names)
-    trainer = build_trainer(cfg, out, cfg.seg.epochs, cfg.seg.max_steps, val_every=max(1, cfg.seg.val_every),
-                            callbacks=[keep], steps_per_epoch=len(loader))
-    fit(trainer, module, out, loader, val_loader)
-    if dist.is_main():
-        if keep.step >= 0:  # best-val weights become the round's model
-            load_weights(module.net, keep.out, "seg", ds.class_names)
-        export_net(module.net, out, "seg", cfg.seg, ds.class_names)
-    dist.barrier()
-    return {"steps": int(trainer.global_step), "loss": loss_name, "selected_step": keep.step,
-            "selected_val_miou_uses_gt": round(keep.best, 4) if keep.step >= 0 else None}
 
 
 def run(rd: RunDir) -> dict:
@@ -135,10 +80,8 @@ def run(rd: RunDir) -> dict:
             if masks.is_dir():
                 metrics.update(_mask_metrics(rd, masks, k))
             if not trained:
-                if cfg.cyclic.selection == "best_val_uses_gt":
-                    result = train_best_val(rd, model, masks, cfg.cyclic.loss)
-                else:
-                    result = train_segmenter(rd, model, "pseudo", masks, cfg.cyclic.loss)
+                result = train_segmenter(rd, model, "pseudo", masks, cfg.cyclic.loss,
+                                         keep_best_val=cfg.cyclic.selection == "best_val_uses_gt")
                 metrics[f"r{k}_train"] = result
             source = model
         metrics.update(rounds=rounds, selection=cfg.cyclic.selection, final_model=source.name)

@@ -11,29 +11,20 @@ wsss/evaluation.py, which has no deep-learning imports.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-
 from tqdm import tqdm
 
-from wsss.crf import presets
 from wsss.engine import dist
-from wsss.engine.predictor import Predictor
 from wsss.engine.rundir import RunDir
 from wsss.engine.trainer import configure_threads
 from wsss.errors import DataError
 from wsss.evaluation import save_metrics
 from wsss.io.images import read_index_png, write_index_png
 from wsss.metrics import ConfusionMatrix
-from wsss.stages.common import inference_device, release_memory, split_dataset, stage_main
+from wsss.pipeline import final_model_dir
+from wsss.stages.common import crf_params, inference_device, load_predictor, release_memory, split_dataset, stage_main
 
 log = logging.getLogger("wsss")
 STAGE = "evaluate"
-
-
-def final_model_dir(rd: RunDir) -> Path:
-    """The segmenter that evaluation uses: the last cyclic round if any ran, else seg/."""
-    rounds = rd.cfg.cyclic.rounds if "cyclic" in rd.cfg.run.stages else 0
-    return rd.sub(f"seg_r{rounds}") if rounds > 0 else rd.sub("seg")
 
 
 def run(rd: RunDir) -> dict:
@@ -49,8 +40,8 @@ def run(rd: RunDir) -> dict:
         ds = split_dataset(cfg, split)
         if not ds.has_masks:
             raise DataError(None, f"evaluate: split {split!r} has no ground-truth masks; use `wsss predict` for unlabelled images")
-        predictor = Predictor(cfg, final_model_dir(rd), ds.class_names, inference_device(cfg))
-        crf = presets.resolve(cfg.eval.crf_params) if cfg.eval.crf else None
+        predictor = load_predictor(cfg, final_model_dir(rd), ds.class_names, inference_device(cfg))
+        crf = crf_params(cfg.eval.crf_params) if cfg.eval.crf else None
         out.mkdir(parents=True, exist_ok=True)
         todo = [sid for sid in dist.shard(ds.ids) if not (out / f"{sid}.png").exists()]
         for sid in tqdm(todo, desc="evaluate", disable=None if dist.is_main() else True, leave=False):

@@ -1,6 +1,7 @@
 """Stage pseudo: pseudo masks from CAMs (`pseudo/<id>.png`, VOC palette, 255 = ignore).
 
-Methods: background threshold (optional confidence band, optional dense CRF) or PMM's PPMG.
+The generator is `pseudo.method` (wsss/pseudo/__init__.py: threshold with optional confidence band,
+CoV smoothing and dense CRF; PMM's PPMG; ...); it may ask for the image and the saliency map.
 Where the split has ground truth, also measures seed quality (CAM mIoU over a background-threshold
 sweep) and pseudo-mask mIoU; these are reported, never used to make the masks unless
 pseudo.bg_threshold_auto is set (which looks at the GT, and says so).
@@ -19,10 +20,10 @@ from wsss.engine import dist
 from wsss.engine.rundir import RunDir
 from wsss.io import atomic
 from wsss.io.images import write_index_png
-from wsss.pseudo import build_generator
+from wsss.config import options, plain
+from wsss.pseudo import PseudoGenerator, build_generator
 from wsss.pseudo.quality import best_threshold, cam_threshold_sweep, mask_quality, sweep_table
-from wsss.stages.cam import cam_split
-from wsss.stages.common import split_dataset, stage_main
+from wsss.stages.common import cam_split, split_dataset, stage_main
 
 log = logging.getLogger("wsss")
 STAGE = "pseudo"
@@ -31,9 +32,9 @@ STAGE = "pseudo"
 class _PseudoJob(torch.utils.data.Dataset):
     """One image per item: read its CAMs (and image), make and write the mask. Runs in loader workers."""
 
-    def __init__(self, ds, ids, cams_dir, out_dir, generator, needs_image):
+    def __init__(self, ds, ids, cams_dir, out_dir, generator: PseudoGenerator):
         self.ds, self.ids, self.cams_dir, self.out_dir = ds, ids, cams_dir, out_dir
-        self.generator, self.needs_image = generator, needs_image
+        self.generator = generator
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -41,8 +42,9 @@ class _PseudoJob(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> int:
         sid = self.ids[i]
         classes, cams = read_cams(self.cams_dir / f"{sid}.npz")
-        image = self.ds.load_image(sid) if self.needs_image else None
-        labels = self.generator(classes, cams, image)
+        image = self.ds.load_image(sid) if "image" in self.generator.needs else None
+        saliency = self.ds.load_saliency(sid, cams.shape[1:]) if "saliency" in self.generator.needs else None
+        labels = self.generator(classes, cams, image, saliency)
         write_index_png(self.out_dir / f"{sid}.png", labels.astype(np.uint8))
         return 1
 
@@ -76,10 +78,10 @@ def run(rd: RunDir) -> dict:
             bg = best_threshold(sweep)[0] if dist.is_main() else None
             bg = _broadcast(bg)
             log.info("pseudo: bg_threshold_auto picked %.2f using ground truth", bg)
-        generator, needs_image = build_generator(cfg.pseudo, bg)
+        generator = build_generator(cfg.pseudo.method, plain(cfg.pseudo), options(cfg, "pseudo", cfg.pseudo.method), bg)
         todo = [sid for sid in dist.shard(ds.ids) if not (out / f"{sid}.png").exists()]
         workers = cfg.trainer.num_workers if cfg.trainer.accelerator == "cpu" or not torch.cuda.is_available() else 0
-        loader = torch.utils.data.DataLoader(_PseudoJob(ds, todo, cams_dir, out, generator, needs_image),
+        loader = torch.utils.data.DataLoader(_PseudoJob(ds, todo, cams_dir, out, generator),
                                              batch_size=None, num_workers=workers)
         for _ in tqdm(loader, total=len(todo), desc="pseudo", disable=None if dist.is_main() else True, leave=False):
             pass

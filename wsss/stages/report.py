@@ -22,8 +22,7 @@ from wsss.engine import dist
 from wsss.engine.rundir import RunDir
 from wsss.io import atomic
 from wsss.io.images import read_index_png
-from wsss.stages.cam import cam_split
-from wsss.stages.common import split_dataset, stage_main
+from wsss.stages.common import cam_split, split_dataset, stage_main
 from wsss.viz.overlays import cam_heatmap, fit_height, mask_overlay, to_data_uri
 
 log = logging.getLogger("wsss")

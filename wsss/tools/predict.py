@@ -11,17 +11,15 @@ from typing import Sequence
 
 from tqdm import tqdm
 
-from wsss.crf import presets
 from wsss.engine import dist
-from wsss.engine.predictor import Predictor
 from wsss.engine.rundir import RunDir
 from wsss.engine.trainer import configure_threads
 from wsss.errors import DataError
 from wsss.io import atomic
 from wsss.io.images import read_image, write_index_png, write_rgb_png
 from wsss.io.paths import check_within
-from wsss.stages.common import inference_device, release_memory, split_dataset
-from wsss.stages.evaluate import final_model_dir
+from wsss.pipeline import final_model_dir
+from wsss.stages.common import crf_params, inference_device, load_predictor, release_memory, split_dataset
 from wsss.viz.overlays import mask_overlay
 
 log = logging.getLogger("wsss")
@@ -44,8 +42,8 @@ def predict_folder(rd: RunDir, input_dir: Path, output_dir: Path, scales: Sequen
         raise DataError(input_dir, f"two images named {dup!r} (different extensions); outputs are <name>.png")
     configure_threads(cfg)
     class_names = split_dataset(cfg, cfg.data.train_split).class_names
-    predictor = Predictor(cfg, final_model_dir(rd), class_names, inference_device(cfg))
-    params = presets.resolve(cfg.eval.crf_params) if crf else None
+    predictor = load_predictor(cfg, final_model_dir(rd), class_names, inference_device(cfg))
+    params = crf_params(cfg.eval.crf_params) if crf else None
     output_dir.mkdir(parents=True, exist_ok=True)
     check_within(output_dir / "overlay", output_dir, "overlay folder")
     if dist.is_main():  # temporaries of a killed earlier attempt; before any process writes again

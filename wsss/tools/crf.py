@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import OmegaConf
+import numpy as np
 from tqdm import tqdm
 
 from wsss.cam.store import read_cams
-from wsss.config import CRFConfig
 from wsss.crf import presets
 from wsss.engine import dist
 from wsss.errors import DataError
@@ -18,14 +17,13 @@ from wsss.io.paths import check_within
 from wsss.pseudo.refine import crf_labels
 from wsss.pseudo.threshold import cam_probabilities
 
-import numpy as np
 
 
 def refine_folder(cams_dir: Path, images_dir: Path, out_dir: Path, preset: str, alpha: float, iterations: int = -1) -> int:
     """CRF-refine every `<id>.npz` in cams_dir with `<id>.jpg|png` from images_dir; return files written here."""
     if not cams_dir.is_dir():
         raise DataError(cams_dir, "CAM folder not found")
-    params = presets.resolve(OmegaConf.structured(CRFConfig(preset=preset, iterations=iterations)))
+    params = presets.resolve(preset, iterations=iterations)
     ids = [p.stem for p in atomic.finished_files(cams_dir, "*.npz")]
     if not ids:
         raise DataError(cams_dir, "no .npz CAM files")

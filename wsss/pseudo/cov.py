@@ -13,7 +13,7 @@ float16; we compute in float64/float32 (cv differs by about 3e-5, reference-meth
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -37,10 +37,10 @@ def cov_smooth(cams: np.ndarray, scale: float = 0.3, threshold: float = 0.05,
     return np.power(kept, (1.0 - cv).astype(np.float32)[:, None, None])
 
 
-def with_cov_smoothing(generator: Callable, cov_cfg: Any) -> Callable:
+def with_cov_smoothing(generator: Callable, scale: float = 0.3, threshold: float = 0.05) -> Callable:
     """Wrap a pseudo-mask generator so it sees CoV-smoothed CAMs (for methods that take only one map)."""
 
     def generate(classes: np.ndarray, cams: np.ndarray, image: Optional[np.ndarray]) -> np.ndarray:
-        return generator(classes, cov_smooth(cams, cov_cfg.scale, cov_cfg.threshold), image)
+        return generator(classes, cov_smooth(cams, scale, threshold), image)
 
     return generate

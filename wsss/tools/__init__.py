@@ -1,0 +1,1 @@
+"""Folder tools that are not pipeline stages: `wsss predict` and `wsss crf`."""
