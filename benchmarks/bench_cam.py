@@ -181,7 +181,7 @@ def memory(args) -> dict:
 
             export_net(net, rd.sub("cam"), "cam", cfg.cam, VOC_CLASSES)
             code = ("import sys; sys.argv=['cam', %r] + %r; "
-                    "from wsss.stages import cam; from wsss.stages.common import open_run; "
+                    "from wsss.stages import cam; from wsss.pipeline import open_run; "
                     "cam.run(open_run(%r, %r)); "
                     # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across fork + exec (the parent's peak)
                     "print('PEAK_KB', [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])") % (

@@ -108,14 +108,14 @@ def budget_overrides(args: argparse.Namespace, data: str) -> list[str]:
     if args.max_images:
         out.append(f"data.max_images={args.max_images}")
     if args.cam == "baseline":  # the CAM stage of configs/<data>_cam.yaml: MLSM objective, multi-scale + flip
-        out += ["cam.objective=mlsm", "cam_infer.mode=multiscale", "cam_infer.output=cam"]
+        out += ["cam.method=mlsm", "cam_infer.mode=multiscale", "cam_infer.output=cam"]
     return out + list(args.set)
 
 
 def data_version(data: str) -> str:
     """What identifies the data beyond the recipe: the synthetic generator's version (stage hashes do not see it)."""
     if data == "shapes":
-        from wsss.data.scribbles import SIMULATOR_VERSION
+        from wsss.data.scribble_sim import SIMULATOR_VERSION
         from wsss.data.shapes import GENERATOR_VERSION
 
         return f"shapes-generator-v{GENERATOR_VERSION}-scribbles-v{SIMULATOR_VERSION}"

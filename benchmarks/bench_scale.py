@@ -37,7 +37,8 @@ def worker(stage: str, overrides: list[str]) -> None:
     import importlib
 
     from wsss.engine import dist
-    from wsss.stages.common import open_run, setup_logging
+    from wsss.pipeline import open_run
+    from wsss.stages.common import setup_logging
 
     setup_logging()
     rd = open_run(str(RECIPE), overrides)
@@ -56,15 +57,14 @@ def prepare(run_root: Path, overrides: list[str]) -> None:
     from wsss.config import load_recipe
     from wsss.data.classes import VOC_CLASSES
     from wsss.engine.export import export_net
-    from wsss.engine.modules import CAMModule
     from wsss.engine.rundir import RunDir
-    from wsss.models.segmenter import Segmenter
+    from wsss.stages.common import cam_method, seg_method
 
     cfg = load_recipe(RECIPE, overrides)
     rd = RunDir(cfg).prepare()
     torch.manual_seed(0)
-    export_net(CAMModule.build_net(cfg, 21), rd.sub("cam"), "cam", cfg.cam, VOC_CLASSES)
-    export_net(Segmenter(cfg.seg, 21), rd.sub("seg"), "seg", cfg.seg, VOC_CLASSES)
+    export_net(cam_method(cfg, 21).net, rd.sub("cam"), "cam", cfg.cam, VOC_CLASSES)
+    export_net(seg_method(cfg, list(VOC_CLASSES)).net, rd.sub("seg"), "seg", cfg.seg, VOC_CLASSES)
 
 
 def outputs_digest(directory: Path) -> str:

@@ -1,6 +1,6 @@
 """Scribble supervision benchmark: loss calibration, training-step speed, accuracy (pCE -> +DenseCRF -> DFR vs full).
 
-All scribbles here are SIMULATED from ground-truth masks (wsss.data.scribbles): the synthetic `shapes`
+All scribbles here are SIMULATED from ground-truth masks (wsss.data.scribble_sim): the synthetic `shapes`
 set ships simulated scribbles, and voc12-mini (real VOC images) has no real scribbles, so its recipes
 use `data.scribbles.source: simulate`. No number from this script is comparable with ScribbleSup results.
 
@@ -191,7 +191,7 @@ def _speed_batch(cfg, n: int) -> dict[str, torch.Tensor]:
 
 def part_speed(args: argparse.Namespace) -> None:
     from wsss.config import load_recipe
-    from wsss.engine.modules import SegModule
+    from wsss.stages.common import loss_spec, seg_method
 
     common = [f"data.root={VOC}", f"seg.batch_size={args.batch}", f"seg.crop_size={args.crop}"]
     variants = {"pCE": "voc12mini_scribble_pce.yaml", "pCE + DenseCRF loss": "voc12mini_scribble_densecrf.yaml",
@@ -203,7 +203,7 @@ def part_speed(args: argparse.Namespace) -> None:
         if batch is None:
             batch = _speed_batch(cfg, args.batch)
         torch.manual_seed(0)
-        m = SegModule(cfg, 21, [str(i) for i in range(21)])
+        m = seg_method(cfg, [str(i) for i in range(21)], loss_spec(cfg))
         m.log = lambda *a, **k: None  # no trainer attached
         m.train()
         params = [p for p in m.parameters() if p.requires_grad]
@@ -258,9 +258,10 @@ def part_speed(args: argparse.Namespace) -> None:
 SHAPES_RUNS = {
     # name: (recipe, overrides). One network for every row (the DFR recipe's ViT), so only the loss changes;
     # the budget (--shapes-epochs) is the same for all rows.
-    "full supervision (GT masks, CE)": ("shapes_scribble_dfr.yaml", ["seg.labels=gt", "seg.loss.name=ce"]),
-    "pCE": ("shapes_scribble_dfr.yaml", ["seg.loss.name=pce"]),
-    "pCE + DenseCRF loss": ("shapes_scribble_dfr.yaml", ["seg.loss.name=pce_densecrf"]),
+    "full supervision (GT masks, CE)": ("shapes_scribble_dfr.yaml", ["seg.labels=gt", "seg.loss.name=ce",
+                                                                     "seg.loss.regularizer="]),
+    "pCE": ("shapes_scribble_dfr.yaml", ["seg.loss.name=pce", "seg.loss.regularizer="]),
+    "pCE + DenseCRF loss": ("shapes_scribble_dfr.yaml", ["seg.loss.regularizer=densecrf"]),
     "DFR": ("shapes_scribble_dfr.yaml", []),
 }
 VOC_RUNS = {

@@ -73,7 +73,7 @@ def main() -> None:
                 net = CAMNet(cfg.cam.backbone, num_classes - 1)
                 train_cfg, name = cfg.cam, cfg.cam.backbone.name
             else:
-                net = Segmenter(cfg.seg, num_classes)
+                net = Segmenter(cfg.seg.arch, cfg.seg.encoder, num_classes, dict(cfg.seg.arch_kwargs))
                 train_cfg, name = cfg.seg, f"{cfg.seg.arch}/{cfg.seg.encoder.name}"
             secs = time_steps(net, net.new_parameters(), train_cfg, train_cfg.batch_size, train_cfg.crop_size, num_classes,
                               kind, args.steps, cl)

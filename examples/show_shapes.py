@@ -10,7 +10,7 @@ import sys
 import cv2
 import numpy as np
 
-from wsss.data.scribbles import scribble_seed, simulate_scribbles
+from wsss.data.scribble_sim import scribble_seed, simulate_scribbles
 from wsss.data.shapes import generate_sample
 from wsss.io.images import colorize
 from wsss.viz.overlays import mask_overlay

@@ -11,6 +11,19 @@ from PIL import Image
 
 from wsss.io.images import write_index_png
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_shapes(num_train: int = 24, num_val: int = 8, size: int = 64, steps: int = 3, batch: int = 8) -> list[str]:
+    """Overrides that make any shapes recipe a seconds-long run: few tiny images, a tiny timm network,
+    a few steps, no loader workers. End-to-end tests add what they test on top."""
+    return [f"data.shapes.num_train={num_train}", f"data.shapes.num_val={num_val}", f"data.shapes.image_size={size}",
+            "cam.backbone.name=test_resnet", "seg.encoder.name=test_resnet", "cam.backbone.weights=none",
+            "seg.encoder.weights=none", f"cam.max_steps={steps}", f"seg.max_steps={steps}", f"cam.batch_size={batch}",
+            f"seg.batch_size={batch}", f"cam.crop_size={size}", f"seg.crop_size={size}", "cam_infer.scales=[1.0, 0.5]",
+            "trainer.num_workers=0", "trainer.threads=1", "report.samples=2"]
+
+
 @pytest.fixture
 def one_torch_thread():
     """Run a test single-threaded: on a shared 2-core machine OpenMP's spin-waiting makes many tiny

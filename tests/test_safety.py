@@ -23,7 +23,6 @@ from wsss.engine.export import export_net, load_weights
 from wsss.stages.common import cam_method, seg_method
 from wsss.engine.rundir import RunDir
 from wsss.errors import CheckpointError
-from wsss.models.segmenter import Segmenter
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["data.shapes.num_train=8", "data.shapes.num_val=4", "data.shapes.image_size=64",

@@ -1,4 +1,4 @@
-"""Scribble data: the simulator, the SimulatedScribbles wrapper and the ScribbleSup XML converter."""
+"""Scribble data: the simulator, data sets with simulated scribbles and the ScribbleSup XML converter."""
 
 from __future__ import annotations
 
@@ -11,17 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wsss.config import ScribbleConfig
 from wsss.data.base import SegDataset
 from wsss.data.classes import VOC_CLASSES
-from wsss.data.scribbles import (
-    SimulatedScribbles,
-    convert_scribblesup,
-    read_scribblesup_xml,
-    scribble_seed,
-    simulate_scribbles,
-)
-from wsss.errors import DataError
+from wsss.data.scribble_sim import ScribbleSimulator, scribble_seed, simulate_scribbles
+from wsss.data.scribblesup import convert_scribblesup, read_scribblesup_xml
+from wsss.errors import ConfigError, DataError
 from wsss.io.images import read_index_png, write_index_png
 
 VOC_MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "voc12-mini"
@@ -186,23 +180,21 @@ def _tiny_set(tmp_path: Path, n: int = 3, with_masks: bool = True) -> TinySet:
     return TinySet(tmp_path, ids, with_masks)
 
 
-def test_wrapper_simulates_and_delegates(tmp_path: Path) -> None:
-    base = _tiny_set(tmp_path)
-    cfg = ScribbleConfig(source="simulate", fraction=0.04, width=3, seed=5)
-    ds = SimulatedScribbles.wrap(base, cfg)
+def test_simulated_scribbles_replace_only_the_scribbles(tmp_path: Path) -> None:
+    plain = _tiny_set(tmp_path)
+    ds = _tiny_set(tmp_path).simulate_scribbles(ScribbleSimulator(fraction=0.04, width=3, seed=5))
     assert isinstance(ds, SegDataset)
-    assert ds.scribbles_simulated and ds.has_scribbles and not base.has_scribbles
-    assert ds.ids == base.ids and ds.class_names == base.class_names and ds.num_classes == 3
+    assert ds.scribbles_simulated and ds.has_scribbles and not plain.has_scribbles and not plain.scribbles_simulated
+    assert ds.ids == plain.ids and ds.class_names == plain.class_names and ds.num_classes == 3
     assert ds.has_masks and not ds.has_saliency and len(ds) == 3
-    assert ds.root == tmp_path  # adapter-specific attributes come from the wrapped set
     sid = "img_1"
-    mask = base.load_mask(sid)
+    mask = plain.load_mask(sid)
     expected = simulate_scribbles(mask, 0.04, 3, scribble_seed(5, sid))
     assert np.array_equal(ds.load_scribble(sid), expected)
     full = ds.load(sid)
     assert set(full) == {"id", "image", "labels", "mask", "scribble"}
     assert np.array_equal(full["scribble"], expected) and np.array_equal(full["mask"], mask)
-    assert np.array_equal(full["labels"], base.load_labels(sid))
+    assert np.array_equal(full["labels"], plain.load_labels(sid))
     assert np.array_equal(ds[1]["scribble"], expected)
     # scribbles without the mask: the mask is read for the simulation but never handed out
     for parts in (("image", "scribble"), ("scribble",), ("labels", "scribble")):
@@ -211,33 +203,33 @@ def test_wrapper_simulates_and_delegates(tmp_path: Path) -> None:
     _check_correct(mask, expected)
 
 
-def test_wrapper_check_subset_and_pickle(tmp_path: Path) -> None:
-    base = _tiny_set(tmp_path)
-    ds = SimulatedScribbles(base, fraction=0.03, width=3, seed=0)
+def test_simulated_scribbles_check_subset_and_pickle(tmp_path: Path) -> None:
+    ds = _tiny_set(tmp_path).simulate_scribbles(ScribbleSimulator(fraction=0.03, width=3, seed=0))
     assert ds.check(("image", "labels", "scribble")) is ds
-    assert ds.subset(2) is ds and ds.ids == ["img_0", "img_1"] and base.ids == ["img_0", "img_1", "img_2"]
+    assert ds.subset(2) is ds and ds.ids == ["img_0", "img_1"]
     clone = pickle.loads(pickle.dumps(ds))  # DataLoader workers may pickle the data set
     assert clone.ids == ds.ids and np.array_equal(clone.load_scribble("img_0"), ds.load_scribble("img_0"))
-    assert SimulatedScribbles(ds).base is base  # wrapping twice does not stack
+    again = clone.simulate_scribbles(ScribbleSimulator(seed=0))  # setting it again replaces, it does not stack
+    assert np.array_equal(again.load_scribble("img_0"), ds.load_scribble("img_0"))
 
 
-def test_wrapper_seed_changes_scribbles(tmp_path: Path) -> None:
-    base = _tiny_set(tmp_path)
-    a = SimulatedScribbles(base, seed=0).load_scribble("img_0")
-    b = SimulatedScribbles(base, seed=1).load_scribble("img_0")
+def test_simulator_seed_changes_scribbles(tmp_path: Path) -> None:
+    a = _tiny_set(tmp_path).simulate_scribbles(ScribbleSimulator(seed=0)).load_scribble("img_0")
+    b = _tiny_set(tmp_path).simulate_scribbles(ScribbleSimulator(seed=1)).load_scribble("img_0")
     assert not np.array_equal(a, b)
 
 
-def test_wrapper_needs_masks(tmp_path: Path) -> None:
-    base = _tiny_set(tmp_path, with_masks=False)
+def test_simulation_needs_masks_and_valid_settings(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="ground-truth masks"):
-        SimulatedScribbles.wrap(base, ScribbleConfig(source="simulate"))
+        _tiny_set(tmp_path, with_masks=False).simulate_scribbles(ScribbleSimulator())
+    with pytest.raises(ConfigError, match="data.scribbles"):
+        ScribbleSimulator(fraction=1.5)
 
 
-def test_wrapper_checks_mask_size_against_image(tmp_path: Path) -> None:
+def test_simulation_checks_mask_size_against_image(tmp_path: Path) -> None:
     base = _tiny_set(tmp_path)
     write_index_png(tmp_path / "masks" / "img_0.png", np.zeros((10, 10), np.uint8))
-    ds = SimulatedScribbles(base)
+    ds = base.simulate_scribbles(ScribbleSimulator())
     with pytest.raises(DataError, match="differs from its image"):
         ds.load("img_0", ("scribble",))
 

@@ -239,7 +239,7 @@ def cmd_data(args: argparse.Namespace) -> None:
         print(f"shapes: {len(train)} train + {len(val)} val images in {train.dir}")
     elif args.data_command == "scribblesup":
         from wsss.data.classes import VOC_CLASSES
-        from wsss.data.scribbles import convert_scribblesup
+        from wsss.data.scribblesup import convert_scribblesup
 
         summary = convert_scribblesup(Path(args.xml), Path(args.images), Path(args.out), VOC_CLASSES,
                                       width=args.width, margin=args.margin, skip_bad=args.skip_bad, progress=True)

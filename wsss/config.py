@@ -381,6 +381,8 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = OmegaConf.select(OmegaConf.from_dotlist([f"{key}={raw}"]), key)
     except OmegaConfBaseException:
         value = raw
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value)
     return key, value
 
 

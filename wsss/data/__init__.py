@@ -50,7 +50,8 @@ def build_dataset(data_cfg: Any, split: str) -> SegDataset:
     """The data set named by `data_cfg.dataset` for one split, with simulated scribbles and max_images applied."""
     ds = DATASETS.get(data_cfg.dataset)(data_cfg, split)
     if data_cfg.scribbles.source == "simulate":
-        from wsss.data.scribbles import SimulatedScribbles
+        from wsss.data.scribble_sim import ScribbleSimulator
 
-        ds = SimulatedScribbles.wrap(ds, data_cfg.scribbles)
+        sc = data_cfg.scribbles
+        ds.simulate_scribbles(ScribbleSimulator(sc.fraction, sc.width, sc.seed))
     return ds.subset(data_cfg.max_images)

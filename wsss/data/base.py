@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable, Optional, TypedDict
+from typing import Any, Callable, Iterable, Optional, TypedDict
 
 import numpy as np
 
@@ -49,6 +49,7 @@ class SegDataset:
     """
 
     class_names: list[str]
+    scribble_simulator: Optional[Callable[[str, np.ndarray], np.ndarray]] = None  # (id, mask) -> scribbles
 
     def __init__(self, ids: list[str], class_names: list[str], *, image_mode: str = "convert",
                  max_pixels: int = images.DEFAULT_MAX_PIXELS, skip_bad: bool = False,
@@ -93,7 +94,21 @@ class SegDataset:
 
     @property
     def has_scribbles(self) -> bool:
-        return bool(self.ids) and self.scribble_path(self.ids[0]) is not None
+        return bool(self.ids) and (self.scribbles_simulated or self.scribble_path(self.ids[0]) is not None)
+
+    @property
+    def scribbles_simulated(self) -> bool:
+        """Scribbles are drawn from the ground-truth masks (reports must say so)."""
+        return self.scribble_simulator is not None
+
+    def simulate_scribbles(self, simulator: Callable[[str, np.ndarray], np.ndarray]) -> "SegDataset":
+        """Draw this set's scribbles from its masks with `simulator(id, mask)` instead of reading scribble files."""
+        if self.ids and not self.has_masks:
+            raise DataError(None, f"data.scribbles.source=simulate draws scribbles from ground-truth masks, but the "
+                                  f"{type(self).__name__} data set has none; use a data set with masks or "
+                                  "real scribbles (data.scribble_dir)")
+        self.scribble_simulator = simulator
+        return self
 
     @property
     def has_saliency(self) -> bool:
@@ -107,6 +122,8 @@ class SegDataset:
         return None if p is None else images.read_index_png(p, self.num_classes, hw, "mask", self.max_pixels)
 
     def load_scribble(self, sample_id: str, hw: tuple[int, int] | None = None) -> Optional[np.ndarray]:
+        if self.scribble_simulator is not None:
+            return self.scribble_simulator(sample_id, self._simulation_mask(sample_id, hw))
         p = self.scribble_path(sample_id)
         return None if p is None else images.read_index_png(p, self.num_classes, hw, "scribble", self.max_pixels)
 
@@ -132,13 +149,22 @@ class SegDataset:
             hw = images.image_size(self.image_path(sample_id), self.max_pixels)
         if "mask" in parts and (m := self.load_mask(sample_id, hw)) is not None:
             sample["mask"] = m
-        if "scribble" in parts and (s := self.load_scribble(sample_id, hw)) is not None:
+        if "scribble" in parts and self.scribble_simulator is not None:  # from the mask, handed out only if asked
+            mask = sample["mask"] if "mask" in sample else self._simulation_mask(sample_id, hw)
+            sample["scribble"] = self.scribble_simulator(sample_id, mask)
+        elif "scribble" in parts and (s := self.load_scribble(sample_id, hw)) is not None:
             sample["scribble"] = s
         if "saliency" in parts and (s := self.load_saliency(sample_id, hw)) is not None:
             sample["saliency"] = s
         if "labels" in parts:
             sample["labels"] = self.load_labels(sample_id)
         return sample
+
+    def _simulation_mask(self, sample_id: str, hw: tuple[int, int] | None) -> np.ndarray:
+        mask = self.load_mask(sample_id, hw)
+        if mask is None:
+            raise DataError(self.mask_path(sample_id), f"{sample_id}: no ground-truth mask to simulate scribbles from")
+        return mask
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -205,10 +205,6 @@ class COCODataset(SegDataset):
             raise DataError(self.cache, f"cannot write the COCO mask cache ({e}); set data.cache_dir to a "
                                         "writable directory") from None
 
-    def release(self) -> None:
-        """Drop the in-memory annotations (they are large); masks already painted stay cached."""
-        self._annotations = None
-
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_annotations"] = None  # do not copy gigabytes of polygons into DataLoader workers
@@ -283,7 +279,3 @@ def paint_semantic_mask(anns: list[dict], hw: tuple[int, int], source: Path | st
         out[m] = CAT_TO_CLASS[ann["category_id"]]
     return out
 
-
-def build_cache(root: str | Path, split: str, cache_dir: str | Path | None = None) -> int:
-    """Paint every mask of a COCO split now (e.g. before a multi-GPU run); return how many were new."""
-    return COCODataset(root, split, cache_dir=cache_dir, prepare=0).build_masks()

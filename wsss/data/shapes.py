@@ -8,7 +8,7 @@ its CAM covers only part of the object: the methods in this project have somethi
 
 Objects occlude each other and clutter may occlude them; image-level labels list the classes with
 enough visible pixels. Every sample also carries a noisy saliency map (blurred foreground with
-holes, plus false alarms on clutter) and simulated scribbles (wsss.data.scribbles).
+holes, plus false alarms on clutter) and simulated scribbles (wsss.data.scribble_sim).
 
 Generation is deterministic for (seed, split, index, image_size) and writes a cache directory once.
 """
@@ -205,7 +205,7 @@ def _noisy_saliency(rng: np.random.Generator, fg: np.ndarray, clutter: np.ndarra
 # ---- the data set -----------------------------------------------------------------------------
 
 def _cache_key(cfg: Any) -> str:
-    from wsss.data.scribbles import SIMULATOR_VERSION
+    from wsss.data.scribble_sim import SIMULATOR_VERSION
 
     payload = json.dumps({"v": GENERATOR_VERSION, "scribbles": SIMULATOR_VERSION, "n_train": cfg.num_train, "n_val": cfg.num_val,
                           "size": cfg.image_size, "seed": cfg.seed}, sort_keys=True)
@@ -226,7 +226,7 @@ def build_shapes(root: Path, cfg: Any, scribble_cfg: Any | None = None) -> Path:
     try:
         for sub in ("images", "masks", "saliency", "scribbles"):
             (tmp / sub).mkdir()
-        from wsss.data.scribbles import simulate_scribbles
+        from wsss.data.scribble_sim import simulate_scribbles
 
         splits = {"train": cfg.num_train, "val": cfg.num_val}
         labels: dict[str, list[int]] = {}

@@ -1,1 +1,2 @@
-"""The stage runner, run directories, Lightning modules and distributed helpers."""
+"""Run directories, the Lightning Trainer, segmentation methods, whole-image inference, weights export
+and distributed helpers. The stage runner is wsss/pipeline.py."""

@@ -1,4 +1,4 @@
-"""Segmenter inference on whole images: padding, multi-scale + flip averaging, optional dense CRF."""
+"""Segmenter inference on whole images: padding, multi-scale + flip averaging (the dense CRF is wsss/engine/predictor.py)."""
 
 from __future__ import annotations
 

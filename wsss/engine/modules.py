@@ -18,13 +18,11 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from torchmetrics.classification import MulticlassConfusionMatrix
 
 from wsss.data.transforms import Normalizer
 from wsss.engine.trainer import poly_schedule, sgd_with_groups, train_loader
-from wsss.io.images import IGNORE
 from wsss.losses import build_pixel_loss
-from wsss.metrics import SegMetrics
+from wsss.metrics import ConfusionMatrix
 from wsss.models.backbones import normalization
 from wsss.registry import SEG_METHODS
 
@@ -56,7 +54,7 @@ class SegMethod(L.LightningModule):
         if self.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.loss_spec = loss
-        self.val_confusion = MulticlassConfusionMatrix(num_classes, ignore_index=IGNORE)
+        self.val_confusion = ConfusionMatrix(num_classes)  # the evaluation's own (monitoring only, per process)
 
     # ---- what a method defines ------------------------------------------------------------
     def build_net(self, seg: Any, num_classes: int, options: Any) -> nn.Module:
@@ -98,13 +96,12 @@ class SegMethod(L.LightningModule):
 
         for sample in batch:
             pred = segment_probs(self, sample["image"], scales=(1.0,), flip=False).argmax(0)
-            gt = torch.from_numpy(np.array(sample["mask"], dtype=np.int64)).to(pred.device)
-            self.val_confusion.update(pred.flatten(), gt.flatten())
+            self.val_confusion.update(pred, np.asarray(sample["mask"]))
 
     def on_validation_epoch_end(self) -> None:
-        matrix = self.val_confusion.compute().cpu().numpy()
-        self.val_confusion.reset()
-        self.log("val/miou", SegMetrics.from_confusion(matrix, class_names=self.class_names).miou, prog_bar=True)
+        miou = self.val_confusion.compute(self.class_names).miou
+        self.val_confusion = ConfusionMatrix(self.val_confusion.num_classes)
+        self.log("val/miou", miou, prog_bar=True)
 
     def extra_parameters(self) -> list[nn.Parameter]:
         """Trainable parameters outside `net` (e.g. a regulariser's head), trained at the new-layer rate."""

@@ -246,10 +246,9 @@ def resume_path(out_dir: Path) -> Optional[str]:
     return str(last) if last.is_file() else None
 
 
-def poly_schedule(optimizer: torch.optim.Optimizer, total_steps: int, power: float) -> torch.optim.lr_scheduler.LambdaLR:
+def poly_schedule(optimizer: torch.optim.Optimizer, total_steps: int, power: float) -> torch.optim.lr_scheduler.LRScheduler:
     """lr = base_lr * (1 - step / total) ** power, stepped every optimiser step."""
-    total = max(1, total_steps)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (1 - min(step, total - 1) / total) ** power)
+    return torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=max(1, total_steps), power=power)
 
 
 def sgd_with_groups(backbone_params: Iterable[torch.nn.Parameter], new_params: Iterable[torch.nn.Parameter],

@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from wsss.io.images import IGNORE
 
 _EPS = 1e-6
 

@@ -32,8 +32,8 @@ def normalization(cfg: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
     if cfg.weights == "efficientnet_lite0_pypi":
         return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # the TF-Lite checkpoints take (x - 127.5) / 127.5
     if cfg.weights == "imagenet":
-        pc = timm.create_model(cfg.name, pretrained=False).pretrained_cfg
-        return tuple(pc.get("mean", IMAGENET_MEAN)), tuple(pc.get("std", IMAGENET_STD))
+        pc = timm.models.get_pretrained_cfg(cfg.name)  # the default weights' preprocessing, no model built
+        return (tuple(pc.mean), tuple(pc.std)) if pc is not None else (IMAGENET_MEAN, IMAGENET_STD)
     return IMAGENET_MEAN, IMAGENET_STD
 
 

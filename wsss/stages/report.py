@@ -118,7 +118,7 @@ def _gallery(rd: RunDir, n: int) -> tuple[list[dict], list[dict]]:
             if pseudo.is_file():
                 tiles.append(("pseudo mask", mask_overlay(img, read_index_png(pseudo, ds.num_classes, img.shape[:2]))))
             if ds.has_scribbles and cfg.seg.labels == "scribble":
-                tiles.append(("scribbles" + (" (simulated)" if getattr(ds, "scribbles_simulated", False) else ""),
+                tiles.append(("scribbles" + (" (simulated)" if ds.scribbles_simulated else ""),
                               mask_overlay(img, ds.load_scribble(sid, img.shape[:2]), alpha=0.9)))
             if ds.has_masks:
                 tiles.append(("ground truth", mask_overlay(img, ds.load_mask(sid, img.shape[:2]))))
@@ -172,7 +172,7 @@ def build_html(rd: RunDir) -> str:
              f"&middot; segmenter trained on <b>{esc(cfg.seg.labels)}</b> with loss <b>{esc(cfg.seg.loss.name)}</b></p>"]
     if cfg.seg.labels == "scribble" and cfg.data.scribbles.source == "simulate":
         parts.append("<p class='note'>Scribbles in this run are <b>simulated</b> from ground-truth masks "
-                     "(wsss.data.scribbles.simulate_scribbles), not drawn by people.</p>")
+                     "(wsss.data.scribble_sim.simulate_scribbles), not drawn by people.</p>")
     # headline numbers
     head = ["<h2>Headline numbers</h2><table class='grid'><tr><th>run</th><th>CAM seeds (train)</th>"
             "<th>pseudo masks (train)</th><th>segmenter (val)</th></tr>"]

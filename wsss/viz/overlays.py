@@ -1,4 +1,4 @@
-"""Pictures for reports and predictions: palette overlays, CAM heatmaps, image grids."""
+"""Pictures for reports and predictions: palette overlays, CAM heatmaps, resizing, inline data URIs."""
 
 from __future__ import annotations
 

@@ -1,22 +1,17 @@
-"""Scribble data: a seeded scribble simulator, a data-set wrapper that uses it, and a ScribbleSup converter.
+"""A seeded scribble simulator: strokes along the skeletons of ground-truth regions (docs/scribbles_data.md).
 
 A scribble map follows the sample convention of `wsss.data.base`: (H, W) uint8 holding the class
-index on scribble pixels and 255 everywhere else.
-
-Simulated scribbles are derived from ground-truth masks. Anything trained or reported on them must
-say so (`SimulatedScribbles.scribbles_simulated` is there for reports to check).
-See docs/scribbles_data.md for the algorithm and the measured statistics.
+index on scribble pixels and 255 everywhere else. Simulated scribbles are derived from ground-truth
+masks: anything trained or reported on them must say so (`SegDataset.scribbles_simulated`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import xml.etree.ElementTree as ET
 import zlib
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from dataclasses import dataclass
+from typing import Optional
 
 import cv2
 import numpy as np
@@ -24,17 +19,12 @@ from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components, dijkstra
 from skimage.morphology import skeletonize
 
-from wsss.data.base import IGNORE, SegDataset, Sample
-from wsss.errors import ConfigError, DataError
-from wsss.io import images
-from wsss.io.paths import check_sample_id
+from wsss.data.base import IGNORE
+from wsss.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "SIMULATOR_VERSION", "simulate_scribbles", "scribble_seed", "SimulatedScribbles",
-    "SCRIBBLESUP_ALIASES", "ScribbleSupSummary", "read_scribblesup_xml", "render_scribbles", "convert_scribblesup",
-]
+__all__ = ["SIMULATOR_VERSION", "ScribbleSimulator", "simulate_scribbles", "scribble_seed"]
 
 # ---- the simulator ----------------------------------------------------------------------------
 
@@ -125,7 +115,7 @@ def simulate_scribbles(mask: np.ndarray, fraction: float = 0.03, width: int = 3,
         # strokes along the skeleton of what each region has left away from the strokes drawn so far.
         extra = []
         for c, region in regions.items():
-            free = region & ~(cv2.dilate((out == c).astype(np.uint8), _disk(3 * width)) > 0)
+            free = region & ~(cv2.dilate((out == c).astype(np.uint8), disk_kernel(3 * width)) > 0)
             if free.any():
                 extra += _class_strokes(free, c, min_area_px, min_branch)
         if not extra:
@@ -356,7 +346,7 @@ def _draw(strokes: list[_Stroke], keep: np.ndarray, offset: np.ndarray, regions:
           width: int, hw: tuple[int, int]) -> np.ndarray:
     """Render the planned strokes: (H, W) uint8, class on stroke pixels inside its own region, 255 elsewhere."""
     out = np.full(hw, IGNORE, np.uint8)
-    kernel = _disk(width)
+    kernel = disk_kernel(width)
     for cls, region in regions.items():
         canvas = np.zeros(hw, np.uint8)
         for s, k, o in zip(strokes, keep, offset):
@@ -379,338 +369,28 @@ def _draw(strokes: list[_Stroke], keep: np.ndarray, offset: np.ndarray, regions:
     return out
 
 
-def _disk(width: int) -> np.ndarray:
+def disk_kernel(width: int) -> np.ndarray:
     """A (width, width) uint8 disk of diameter `width` (3 -> the full 3x3 square, like a 3-px pen)."""
     c = (width - 1) / 2
     yy, xx = np.mgrid[0:width, 0:width]
     return (((yy - c) ** 2 + (xx - c) ** 2) <= (width / 2) ** 2).astype(np.uint8)
 
 
-# ---- a data set with simulated scribbles --------------------------------------------------------
+@dataclass(frozen=True)
+class ScribbleSimulator:
+    """Scribbles of sample `sid` = simulate_scribbles(mask, fraction, width, scribble_seed(seed, sid)): the same
+    in every epoch, process and run for the same seed. A data set uses it through `SegDataset.scribble_simulator`."""
 
-class SimulatedScribbles(SegDataset):
-    """A data set whose scribbles are simulated from its ground-truth masks; everything else is the wrapped set's.
+    fraction: float = 0.03
+    width: int = 3
+    seed: int = 0
 
-    Sample `sid` gets `simulate_scribbles(mask, fraction, width, scribble_seed(seed, sid))`, so scribbles are
-    the same in every epoch, process and run for the same seed. `ids`, `skipped` and `skip_bad` belong
-    to the wrapper (so `check` and `subset` work on it); loaders and other attributes are the wrapped set's.
-    """
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.fraction <= 1.0 or self.width < 1:
+            raise ConfigError(f"data.scribbles: need 0 <= fraction <= 1 and width >= 1, got fraction={self.fraction}, "
+                              f"width={self.width}")
 
-    scribbles_simulated = True  # reports must say that scribbles were simulated from ground truth
-
-    def __init__(self, base: SegDataset, fraction: float = 0.03, width: int = 3, seed: int = 0):
-        ids = list(base.ids)
-        if isinstance(base, SimulatedScribbles):  # re-wrapping replaces the settings, it does not stack
-            base = base.base
-        if base.ids and not base.has_masks:
-            raise DataError(None, f"data.scribbles.source=simulate draws scribbles from ground-truth masks, but the "
-                                  f"{type(base).__name__} data set has none; use a data set with masks or "
-                                  "real scribbles (data.scribble_dir)")
-        if not 0.0 <= fraction <= 1.0 or width < 1:
-            raise ConfigError(f"data.scribbles: need 0 <= fraction <= 1 and width >= 1, got fraction={fraction}, "
-                              f"width={width}")
-        # SegDataset.__init__ is not called: class names, limits and loaders stay the wrapped set's.
-        self.base = base
-        self.fraction, self.width, self.seed = float(fraction), int(width), int(seed)
-        self.ids = ids
-        self.skipped = dict(base.skipped)
-        self.skip_bad = base.skip_bad
-
-    @classmethod
-    def wrap(cls, ds: SegDataset, cfg: Any) -> "SimulatedScribbles":
-        """Wrap `ds` with the settings of a `ScribbleConfig` (fraction, width, seed)."""
-        return cls(ds, fraction=cfg.fraction, width=cfg.width, seed=cfg.seed)
-
-    def __repr__(self) -> str:
-        return (f"SimulatedScribbles({type(self.base).__name__}, {len(self.ids)} ids, fraction={self.fraction}, "
-                f"width={self.width}, seed={self.seed})")
-
-    def __getattr__(self, name: str) -> Any:
-        # only reached for attributes the wrapper lacks (adapter-specific ones such as `dir` or `root`)
-        if name.startswith("__") or name == "base":  # no recursion while unpickling
-            raise AttributeError(name)
-        return getattr(self.base, name)
-
-    # ---- delegated settings and loaders ----------------------------------------------------------
-    @property
-    def class_names(self) -> list[str]:  # type: ignore[override]
-        return self.base.class_names
-
-    @property
-    def image_mode(self) -> str:  # type: ignore[override]
-        return self.base.image_mode
-
-    @property
-    def max_pixels(self) -> int:  # type: ignore[override]
-        return self.base.max_pixels
-
-    @property
-    def allow_empty_labels(self) -> bool:  # type: ignore[override]
-        return self.base.allow_empty_labels
-
-    @property
-    def has_masks(self) -> bool:
-        return self.base.has_masks
-
-    @property
-    def has_saliency(self) -> bool:
-        return self.base.has_saliency
-
-    @property
-    def has_scribbles(self) -> bool:
-        return bool(self.ids)
-
-    def image_path(self, sample_id: str) -> Path:
-        return self.base.image_path(sample_id)
-
-    def mask_path(self, sample_id: str) -> Optional[Path]:
-        return self.base.mask_path(sample_id)
-
-    def scribble_path(self, sample_id: str) -> Optional[Path]:
-        return None  # scribbles are computed, not read
-
-    def saliency_path(self, sample_id: str) -> Optional[Path]:
-        return self.base.saliency_path(sample_id)
-
-    def _load_labels(self, sample_id: str) -> np.ndarray:
-        return self.base._load_labels(sample_id)
-
-    def load_image(self, sample_id: str) -> np.ndarray:
-        return self.base.load_image(sample_id)
-
-    def load_mask(self, sample_id: str, hw: tuple[int, int] | None = None) -> Optional[np.ndarray]:
-        return self.base.load_mask(sample_id, hw)
-
-    def load_saliency(self, sample_id: str, hw: tuple[int, int] | None = None) -> Optional[np.ndarray]:
-        return self.base.load_saliency(sample_id, hw)
-
-    def load_labels(self, sample_id: str) -> np.ndarray:
-        return self.base.load_labels(sample_id)
-
-    # ---- the simulated part ----------------------------------------------------------------------
-    def load_scribble(self, sample_id: str, hw: tuple[int, int] | None = None) -> Optional[np.ndarray]:
-        """(H, W) uint8 simulated scribbles of one sample (255 = unlabelled)."""
-        return self.simulate(sample_id, self._source_mask(sample_id, hw))
-
-    def simulate(self, sample_id: str, mask: np.ndarray) -> np.ndarray:
-        """Simulated scribbles of `sample_id` from its (H, W) mask."""
+    def __call__(self, sample_id: str, mask: np.ndarray) -> np.ndarray:
+        """(H, W) mask -> (H, W) uint8 scribbles (255 = unlabelled)."""
         return simulate_scribbles(mask, self.fraction, self.width, scribble_seed(self.seed, sample_id))
 
-    def load(self, sample_id: str,
-             parts: Iterable[str] = ("image", "labels", "mask", "scribble", "saliency")) -> Sample:
-        """The wrapped set's sample, with simulated scribbles; the mask is returned only if asked for."""
-        parts = set(parts)
-        sample = self.base.load(sample_id, parts - {"scribble"})
-        if "scribble" in parts:
-            mask = sample.get("mask")
-            if mask is None:  # not requested: read it for the simulation only, never hand it out
-                hw = sample["image"].shape[:2] if "image" in sample else self._image_hw(sample_id)
-                mask = self._source_mask(sample_id, hw)
-            sample["scribble"] = self.simulate(sample_id, mask)
-        return sample
-
-    def _source_mask(self, sample_id: str, hw: tuple[int, int] | None) -> np.ndarray:
-        mask = self.base.load_mask(sample_id, hw)
-        if mask is None:
-            raise DataError(self.base.mask_path(sample_id),
-                            f"{sample_id}: no ground-truth mask to simulate scribbles from")
-        return mask
-
-    def _image_hw(self, sample_id: str) -> tuple[int, int] | None:
-        """Image size from the file header, to check the mask against (as SegDataset.load does for scribbles)."""
-        try:
-            return images.image_size(self.base.image_path(sample_id), self.max_pixels)
-        except NotImplementedError:  # a set without image files: nothing to check against
-            return None
-
-
-# ---- ScribbleSup XML --------------------------------------------------------------------------
-
-# ScribbleSup's <tag> names that differ from the PASCAL VOC devkit names (wsss.data.classes.VOC_CLASSES).
-SCRIBBLESUP_ALIASES: dict[str, str] = {
-    "plane": "aeroplane",
-    "bike": "bicycle",
-    "table": "diningtable",
-    "plant": "pottedplant",
-    "monitor": "tvmonitor",
-}
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
-
-
-@dataclass
-class ScribbleSupSummary:
-    """What `convert_scribblesup` did."""
-
-    written: int = 0  # index PNGs written
-    labelled_pixels: int = 0  # scribble pixels over all written files
-    total_pixels: int = 0  # all pixels of the written files
-    clipped_points: int = 0  # points slightly outside their image (within `margin`), drawn clipped
-    empty: list[str] = field(default_factory=list)  # files written with no scribble pixel
-    skipped: dict[str, str] = field(default_factory=dict)  # file name -> error (skip_bad=True only)
-
-    @property
-    def labelled_fraction(self) -> float:
-        """Labelled pixels / all pixels, over the written files."""
-        return self.labelled_pixels / self.total_pixels if self.total_pixels else 0.0
-
-    def __str__(self) -> str:
-        text = (f"{self.written} scribble map(s) written, {100 * self.labelled_fraction:.2f}% of pixels labelled"
-                f", {self.clipped_points} point(s) clipped at the image border")
-        if self.empty:
-            text += f", {len(self.empty)} without any scribble (e.g. {self.empty[0]})"
-        if self.skipped:
-            name, err = next(iter(self.skipped.items()))
-            text += f", {len(self.skipped)} skipped (e.g. {err})"
-        return text
-
-
-def _class_index(class_names: list[str], aliases: Mapping[str, str] | None) -> dict[str, int]:
-    """Lower-case tag -> class index, from the class names plus aliases that name a known class."""
-    index = {n.lower(): i for i, n in enumerate(class_names)}
-    for alias, name in (SCRIBBLESUP_ALIASES if aliases is None else aliases).items():
-        if name.lower() in index:
-            index.setdefault(alias.lower(), index[name.lower()])
-    return index
-
-
-def _int_text(el: ET.Element | None, what: str, path: Path) -> int:
-    if el is None or el.text is None or not el.text.strip():
-        raise DataError(path, f"missing {what}")
-    try:
-        value = float(el.text.strip())
-    except ValueError:
-        raise DataError(path, f"{what} is {el.text.strip()!r}, not a number") from None
-    if not math.isfinite(value):
-        raise DataError(path, f"{what} is {el.text.strip()!r}, not a finite number")
-    return int(round(value))
-
-
-def read_scribblesup_xml(path: str | Path, class_index: Mapping[str, int]
-                         ) -> tuple[Optional[tuple[int, int]], list[tuple[int, np.ndarray]]]:
-    """Parse one ScribbleSup XML file: ((H, W) from <size> or None, [(class, (n, 2) int x/y points), ...]).
-
-    `class_index` maps lower-case <tag> names to class indices. Polygons without points are skipped.
-    """
-    path = Path(path)
-    try:
-        root = ET.parse(path).getroot()
-    except ET.ParseError as e:
-        raise DataError(path, f"malformed XML ({e})") from None
-    except OSError as e:
-        raise DataError(path, f"cannot read ({e.strerror or e})") from None
-    size = None
-    if (size_el := root.find("size")) is not None:
-        w = _int_text(size_el.find("width"), "<size><width>", path)
-        h = _int_text(size_el.find("height"), "<size><height>", path)
-        if w <= 0 or h <= 0:
-            raise DataError(path, f"<size> is {w}x{h}")
-        size = (h, w)
-    scribbles = []
-    for i, poly in enumerate(root.iter("polygon"), 1):
-        tag_el = poly.find("tag")
-        tag = (tag_el.text or "").strip() if tag_el is not None else ""
-        if not tag:
-            raise DataError(path, f"<polygon> #{i} has no <tag> (class name)")
-        if tag.lower() not in class_index:
-            known = ", ".join(sorted(class_index))
-            raise DataError(path, f"<polygon> #{i} has unknown class {tag!r}; known names: {known}")
-        pts = [(_int_text(p.find("X"), f"<polygon> #{i} <point><X>", path),
-                _int_text(p.find("Y"), f"<polygon> #{i} <point><Y>", path)) for p in poly.iter("point")]
-        if pts:
-            scribbles.append((class_index[tag.lower()], np.array(pts, np.int64)))
-    return size, scribbles
-
-
-def render_scribbles(scribbles: list[tuple[int, np.ndarray]], hw: tuple[int, int], width: int = 3,
-                     margin: int = 2, source: str | Path | None = None) -> tuple[np.ndarray, int]:
-    """Draw polylines [(class, (n, 2) x/y points)] `width` px wide: ((H, W) uint8 map, 255 elsewhere; clipped points).
-
-    Later scribbles overwrite earlier ones where they cross (as the rloss converter does). Points up to
-    `margin` px outside the image are accepted and clipped; farther ones are a DataError naming `source`.
-    """
-    h, w = hw
-    out = np.full((h, w), IGNORE, np.uint8)
-    kernel = _disk(width)
-    clipped = 0
-    for i, (cls, pts) in enumerate(scribbles, 1):
-        x, y = pts[:, 0], pts[:, 1]
-        outside = (x < 0) | (y < 0) | (x >= w) | (y >= h)
-        far = (x < -margin) | (y < -margin) | (x >= w + margin) | (y >= h + margin)
-        if far.any():
-            j = int(np.argmax(far))
-            raise DataError(source, f"<polygon> #{i} has point ({x[j]}, {y[j]}) outside the {w}x{h} image "
-                                    f"(more than {margin} px); wrong image or corrupt file?")
-        clipped += int(outside.sum())
-        canvas = np.zeros((h, w), np.uint8)
-        xy = pts.astype(np.int32)
-        if len(xy) == 1 or (xy == xy[0]).all():
-            cv2.line(canvas, tuple(map(int, xy[0])), tuple(map(int, xy[0])), 1, 1, cv2.LINE_8)
-        else:
-            cv2.polylines(canvas, [xy], False, 1, 1, cv2.LINE_8)  # 1-px path; cv2 clips at the border
-        out[cv2.dilate(canvas, kernel) > 0] = cls
-    return out, clipped
-
-
-def _find_image(image_dir: Path, sample_id: str) -> Optional[Path]:
-    for suffix in IMAGE_SUFFIXES:
-        if (p := image_dir / f"{sample_id}{suffix}").is_file():
-            return p
-    return None
-
-
-def convert_scribblesup(xml_dir: str | Path, image_dir: str | Path, out_dir: str | Path, class_names: list[str], *,
-                        width: int = 3, margin: int = 2, aliases: Mapping[str, str] | None = None,
-                        skip_bad: bool = False, progress: bool = False) -> ScribbleSupSummary:
-    """Convert ScribbleSup XML files (`<id>.xml`) to index PNGs `out_dir/<id>.png` sized like `image_dir/<id>.jpg`.
-
-    Scribbles are polylines through the listed points, `width` px wide (3, as rloss's convertscribbles.m),
-    class index on scribble pixels and 255 elsewhere; files are written atomically. <tag> names are matched
-    to `class_names` case-insensitively, with `aliases` (default SCRIBBLESUP_ALIASES: plane -> aeroplane, ...).
-    Any bad file (malformed XML, unknown class, points far outside the image, missing image, <size> not
-    matching the image) raises a DataError naming it; with `skip_bad` it is listed in the summary instead.
-    """
-    xml_dir, image_dir, out_dir = Path(xml_dir), Path(image_dir), Path(out_dir)
-    if not xml_dir.is_dir():
-        raise DataError(xml_dir, "scribble XML directory not found")
-    if not image_dir.is_dir():
-        raise DataError(image_dir, "image directory not found")
-    if width < 1 or margin < 0:
-        raise ValueError(f"need width >= 1 and margin >= 0, got width={width}, margin={margin}")
-    files = sorted(xml_dir.glob("*.xml"))
-    if not files:
-        raise DataError(xml_dir, "no .xml files (expected ScribbleSup annotations such as pascal_2012/<id>.xml)")
-    class_index = _class_index(list(class_names), aliases)
-    summary = ScribbleSupSummary()
-    it: Iterable[Path] = files
-    if progress:
-        from tqdm import tqdm
-
-        it = tqdm(files, desc="converting scribbles", leave=False)
-    for xml in it:
-        try:
-            sid = check_sample_id(xml.stem, xml)
-            image = _find_image(image_dir, sid)
-            if image is None:
-                raise DataError(xml, f"no image {sid}.jpg (or .jpeg/.png) in {image_dir}")
-            hw = images.image_size(image)
-            size, scribbles = read_scribblesup_xml(xml, class_index)
-            if size is not None and size != hw:
-                raise DataError(xml, f"<size> is {size[1]}x{size[0]} but the image {image} is {hw[1]}x{hw[0]} (WxH)")
-            label, clipped = render_scribbles(scribbles, hw, width, margin, xml)
-        except DataError as e:
-            if not skip_bad:
-                raise
-            summary.skipped[xml.name] = str(e)
-            continue
-        images.write_index_png(out_dir / f"{sid}.png", label)
-        n = int(np.count_nonzero(label != IGNORE))
-        summary.written += 1
-        summary.labelled_pixels += n
-        summary.total_pixels += label.size
-        summary.clipped_points += clipped
-        if n == 0:
-            summary.empty.append(xml.name)
-    if summary.skipped:
-        log.warning("skipped %d bad scribble file(s) of %d; first: %s", len(summary.skipped), len(files),
-                    next(iter(summary.skipped.values())))
-    return summary
