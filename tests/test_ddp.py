@@ -36,6 +36,8 @@ from safetensors.numpy import load_file
 from wsss.cli import main
 from wsss.io.images import read_index_png
 
+pytestmark = pytest.mark.slow  # end to end (CPU-small)
+
 REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = {"cam": 1e-6, "seg": 1e-4}  # largest |weight difference| after 4 steps (see the docstring)
 TINY = ["data.shapes.num_train=24", "data.shapes.num_val=8", "data.shapes.image_size=64",

@@ -8,14 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import tiny_shapes
 from wsss.cam.store import read_cams
 from wsss.cli import main
 from wsss.io.images import read_index_png
 
-TINY = ["data.shapes.num_train=24", "data.shapes.num_val=8", "data.shapes.image_size=64",
-        "cam.backbone.name=test_resnet", "seg.encoder.name=test_resnet", "cam.max_steps=3", "seg.max_steps=3",
-        "cam.batch_size=8", "seg.batch_size=8", "cam.crop_size=64", "seg.crop_size=64",
-        "cam_infer.scales=[1.0, 0.5]", "trainer.num_workers=0", "report.samples=2"]
+TINY = tiny_shapes()
+pytestmark = pytest.mark.slow  # end to end (CPU-small)
 
 
 def _run(tmp_path: Path, *extra: str, recipe: str = "configs/shapes_cam.yaml", command: str = "run") -> dict:

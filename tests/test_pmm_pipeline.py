@@ -7,15 +7,14 @@ from pathlib import Path
 
 import pytest
 
+from conftest import tiny_shapes
 from wsss.cam.store import read_cams
 from wsss.cli import main
 from wsss.io.images import read_index_png
 
-TINY = ["data.shapes.num_train=16", "data.shapes.num_val=6", "data.shapes.image_size=48",
-        "cam.backbone.name=test_resnet", "seg.encoder.name=test_resnet", "cam.max_steps=2", "seg.max_steps=2",
-        "cam.batch_size=8", "seg.batch_size=8", "cam.crop_size=48", "seg.crop_size=48",
-        "cam_infer.multicrop.scales=[1.0, 1.5]", "cam_infer.multicrop.crop_size=40", "cam_infer.multicrop.stride=28",
-        "cyclic.scales=[1.0]", "trainer.num_workers=0", "trainer.threads=1", "report.samples=2"]
+TINY = [*tiny_shapes(num_train=16, num_val=6, size=48, steps=2), "cam_infer.multicrop.scales=[1.0, 1.5]",
+        "cam_infer.multicrop.crop_size=40", "cam_infer.multicrop.stride=28", "cyclic.scales=[1.0]"]
+pytestmark = pytest.mark.slow  # end to end (CPU-small)
 
 
 def _run(tmp: Path, *extra: str, command: str = "run") -> dict:

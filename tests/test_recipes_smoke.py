@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
+
 import json
 from pathlib import Path
 
 
 from wsss.cli import main
+
+pytestmark = pytest.mark.slow  # end to end (CPU-small)
 
 SMALL = ["cam.backbone.name=test_resnet", "cam.backbone.weights=none", "seg.encoder.name=test_resnet",
          "seg.encoder.weights=none", "cam.max_steps=2", "seg.max_steps=2", "cam.batch_size=2", "seg.batch_size=2",

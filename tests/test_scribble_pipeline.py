@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import csv
 import json
 from pathlib import Path
@@ -9,6 +11,8 @@ from pathlib import Path
 import torch
 
 from wsss.cli import main
+
+pytestmark = pytest.mark.slow  # end to end (CPU-small)
 
 TINY = ["data.shapes.num_train=16", "data.shapes.num_val=4", "data.shapes.image_size=64", "seg.max_steps=2",
         "seg.batch_size=8", "seg.crop_size=64", "seg.loss.dfr.size=16", "trainer.num_workers=0", "trainer.threads=1",
@@ -25,7 +29,7 @@ def test_shapes_scribble_dfr_runs_end_to_end(tmp_path: Path) -> None:
     manifest = json.loads((run / "manifest.json").read_text())
     assert [s for s, v in manifest["stages"].items() if v["status"] == "done"] == ["train_seg", "evaluate", "report"]
     train = manifest["stages"]["train_seg"]["metrics"]
-    assert train["steps"] == 2 and train["labels"] == "scribble" and train["loss"] == "dfr"
+    assert train["steps"] == 2 and train["labels"] == "scribble" and train["loss"] == "pce+dfr"
     assert 0.0 <= manifest["stages"]["evaluate"]["metrics"]["miou"] <= 1.0
     assert len(list((run / "pred").glob("*.png"))) == 4
     # every loss term was computed and logged during training

@@ -16,8 +16,13 @@ from wsss.errors import DataError
 from wsss.io import images
 
 
-def train_augment(cfg: Any, with_masks: bool) -> A.Compose:
-    """Random rescale, pad, random crop, flip, optional colour jitter (no normalisation: done on tensors)."""
+def train_augment(cfg: Any, with_masks: bool, seed: int = 0) -> A.Compose:
+    """Random rescale, pad, random crop, flip, optional colour jitter (no normalisation: done on tensors).
+
+    Seeded: albumentations draws from its own generators, not numpy's, so an unseeded pipeline differs
+    on every run. Loader workers reseed it from their torch seed (`seed_worker`), so each worker draws
+    its own stream, the same in every run.
+    """
     lo, hi = cfg.scale_range
     ops: list[Any] = []
     if (lo, hi) != (1.0, 1.0):
@@ -33,7 +38,19 @@ def train_augment(cfg: Any, with_masks: bool) -> A.Compose:
     if cfg.color_jitter > 0:
         j = cfg.color_jitter
         ops.append(A.ColorJitter(brightness=j, contrast=j, saturation=j, hue=min(0.1, j / 3), p=0.8))
-    return A.Compose(ops, seed=None)
+    return A.Compose(ops, seed=seed)
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader worker_init_fn: Lightning's per-worker numpy/random/torch seeding, plus the data set's
+    albumentations pipeline (`.augment`) reseeded from this worker's torch seed."""
+    from lightning.fabric.utilities.seed import pl_worker_init_function
+
+    pl_worker_init_function(worker_id)
+    info = torch.utils.data.get_worker_info()
+    augment = getattr(info.dataset if info is not None else None, "augment", None)
+    if hasattr(augment, "set_random_seed"):
+        augment.set_random_seed(torch.initial_seed() % 2**32)
 
 
 def to_tensor_image(image: np.ndarray) -> torch.Tensor:

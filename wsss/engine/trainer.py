@@ -21,6 +21,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from wsss.data.transforms import seed_worker
 from wsss.engine import dist
 from wsss.errors import CheckpointError, ConfigError
 from wsss.io import atomic
@@ -169,7 +170,7 @@ def train_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int)
     sampler = DistributedSampler(dataset, num_replicas=world, rank=dist.rank(), shuffle=True, seed=seed)
     per_rank = math.ceil(len(dataset) / world)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=per_rank > batch_size,
-                      num_workers=num_workers, persistent_workers=num_workers > 0)
+                      num_workers=num_workers, persistent_workers=num_workers > 0, worker_init_fn=seed_worker)
 
 
 def fit(trainer: L.Trainer, module: L.LightningModule, out_dir: Path, train: DataLoader,

@@ -191,7 +191,7 @@ def train_segmenter(rd: RunDir, out: Path, source: str, pseudo_dir: Optional[Pat
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     ds = split_dataset(cfg, cfg.data.train_split)
     module = seg_method(cfg, ds.class_names, loss_spec(cfg, pixel_loss))
-    train_set = SegmentationSet(ds, source, train_augment(cfg.seg, with_masks=True), pseudo_dir)
+    train_set = SegmentationSet(ds, source, train_augment(cfg.seg, with_masks=True, seed=cfg.trainer.seed), pseudo_dir)
     loader = module.train_loader(train_set, cfg.seg.batch_size, cfg.trainer.num_workers, cfg.trainer.seed, module.options)
     val_every = max(1, cfg.seg.val_every) if keep_best_val else cfg.seg.val_every
     val_loader = None

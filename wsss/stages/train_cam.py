@@ -33,7 +33,7 @@ def run(rd: RunDir) -> dict:
         configure_threads(cfg)
         L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
         ds = split_dataset(cfg, cfg.data.train_split).check(("labels",))
-        train_set = ClassificationSet(ds, train_augment(cfg.cam, with_masks=False))
+        train_set = ClassificationSet(ds, train_augment(cfg.cam, with_masks=False, seed=cfg.trainer.seed))
         module = cam_method(cfg, ds.num_classes)
         loader = module.train_loader(train_set, cfg.cam.batch_size, cfg.trainer.num_workers, cfg.trainer.seed, module.options)
         trainer = build_trainer(cfg, out, cfg.cam.epochs, cfg.cam.max_steps, steps_per_epoch=len(loader),
