@@ -161,8 +161,11 @@ def read_index_png(
     expected_hw: tuple[int, int] | None = None,
     what: str = "mask",
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    against: str = "its image",
 ) -> np.ndarray:
-    """Read a label map (index/palette PNG, or RGB in the VOC palette) as uint8 (H, W) in {0..C-1, 255}."""
+    """Read a label map (index/palette PNG, or RGB in the VOC palette) as uint8 (H, W) in {0..C-1, 255}.
+
+    `expected_hw` is the size of `against` (named in the error when the sizes differ)."""
     path = Path(path)
     img = _open_bounded(path, max_pixels)
     if img.mode in ("P", "L", "1"):
@@ -181,7 +184,7 @@ def read_index_png(
     else:
         raise DataError(path, f"{what} has unsupported PIL mode {img.mode}; expected an index or palette PNG")
     if expected_hw is not None and arr.shape != tuple(expected_hw):
-        raise DataError(path, f"{what} size {arr.shape[1]}x{arr.shape[0]} (WxH) differs from its image "
+        raise DataError(path, f"{what} size {arr.shape[1]}x{arr.shape[0]} (WxH) differs from {against} "
                               f"{expected_hw[1]}x{expected_hw[0]}")
     bad = np.unique(arr[(arr >= num_classes) & (arr != IGNORE_INDEX)])
     if bad.size:
