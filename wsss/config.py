@@ -336,8 +336,11 @@ def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[dict]:
         raise ConfigError(f"{path}: recipe includes itself through `defaults`")
     try:
         data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    except yaml.YAMLError as e:  # its str() spans several lines with a drawing of the spot
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
     layers: list[dict] = []

@@ -70,10 +70,7 @@ def _open_bounded(path: Path, max_pixels: int) -> Image.Image:
     except OSError as e:
         raise DataError(path, f"cannot open image ({e})") from None
     try:
-        w, h = img.size
-        if max_pixels and w * h > max_pixels:
-            raise DataError(path, f"image is {w}x{h} = {w * h} pixels, above the limit of {max_pixels} "
-                                  "(possible decompression bomb; raise data.max_pixels if the file is genuine)")
+        _check_pixels(path, *img.size, max_pixels)
         # PIL silently decodes 16-bit RGB/RGBA PNGs to 8 bits; the raw mode still tells (read before load()).
         img.info["wsss_high_bit_depth"] = img.mode in _HIGH_BIT_DEPTH or _raw_is_16bit(img)
         try:
@@ -131,11 +128,18 @@ def image_size(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[
     try:
         with Image.open(path) as img:
             w, h = img.size
-    except (UnidentifiedImageError, OSError) as e:
-        raise DataError(path, f"not a readable image ({e})") from None
-    if max_pixels and w * h > max_pixels:
-        raise DataError(path, f"image is {w}x{h}, above the limit of {max_pixels} pixels")
+    except UnidentifiedImageError:  # the same words as when decoding (_open_bounded)
+        raise DataError(path, "not a readable image (corrupt file or unknown format)") from None
+    except OSError as e:
+        raise DataError(path, f"cannot open image ({e})") from None
+    _check_pixels(path, w, h, max_pixels)
     return h, w
+
+
+def _check_pixels(path: Path, w: int, h: int, max_pixels: int) -> None:
+    if max_pixels and w * h > max_pixels:
+        raise DataError(path, f"image is {w}x{h} = {w * h} pixels, above the limit of {max_pixels} "
+                              "(possible decompression bomb; raise data.max_pixels if the file is genuine)")
 
 
 def voc_palette() -> np.ndarray:
