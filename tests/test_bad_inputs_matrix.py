@@ -8,17 +8,17 @@ that existed before still byte-identical, and every file the failed command wrot
 sees at the command line.)
 
 The subprocesses: importing torch, Lightning and timm costs ~5-10 s of CPU per process, which for
-~60 cases would take minutes. So one server process imports them once (`--serve`) and forks a child
+75 cases would take 10 minutes. So one server process imports them once (`--serve`) and forks a child
 per case that runs `wsss.cli.main(argv)` (what `python -m wsss` runs), with stdout and stderr in
 files, an uncaught exception printed as a traceback with exit code 1 as the interpreter would. Set
-WSSS_MATRIX_FRESH=1 to run every case as its own `python -m wsss ...` process instead (same results,
-slower). A full disk (ENOSPC at fsync, where it often shows) and an unwritable folder (EACCES on
+WSSS_MATRIX_FRESH=1 to run every case as its own `python -m wsss ...` process instead (same messages,
+~10x the CPU time). A full disk (ENOSPC at fsync, where it often shows) and an unwritable folder (EACCES on
 creating files in it: `chmod a-w` has no effect for root) are injected into the child only, after
 a given number of writes into the stage's output folder, so they strike mid-stage.
 
 docs/reliability.md holds the table of cases (input, command, message) with the messages the CLI
-printed; regenerate it with `python -m tests.test_bad_inputs_matrix --write` (test_reliability_doc
-fails when it is out of date). Robustness: this file and tests/test_resume.py were run three times
+printed; regenerate it with `python -m tests.test_bad_inputs_matrix --write` (each case checks its
+row, test_reliability_doc_lists_the_cases the list). Robustness: this file and tests/test_resume.py were run three times
 in a row beside two CPU-bound processes (`nice -n 19 python -c 'while True: pass'` twice), no failure.
 """
 
