@@ -46,6 +46,31 @@ def test_suggests_close_keys():
     assert "seg.epochs" in str(err.value)
 
 
+@pytest.mark.parametrize("override, first", [
+    ("seg.learning_rate=0.1", "seg.lr"),  # a synonym from other code bases, in the same section
+    ("cam.bs=4", "cam.batch_size"),
+    ("cam.weights=x.pth", "cam.backbone.weights"),  # the same name in a subsection
+    ("trainer.num_worker=0", "trainer.num_workers"),
+])
+def test_suggestions_put_the_likely_key_first(override, first):
+    with pytest.raises(ConfigError, match=rf"\(did you mean: {first}[,?]"):
+        load_recipe(None, [override])
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("seg.scale_range=0.5", "wrong type for 'seg.scale_range': expected a list such as [0.5, 2.0], got 0.5"),
+    ("run.stages=cam", "wrong type for 'run.stages': expected a list such as ['train_cam', "),
+    ("seg.hflip=maybe", "wrong type for 'seg.hflip': expected true or false, got 'maybe'"),
+    ("cam.epochs=[1, 2]", "wrong type for 'cam.epochs': expected an integer such as 5, got [1, 2]"),
+    ("data.shapes=3", "wrong type for 'data.shapes': expected a section; set its keys instead (data.shapes.<key>=value)"),
+])
+def test_type_errors_say_what_is_expected_in_plain_words(override, expected):
+    """Not OmegaConf's node classes ("AnyNode is not a ListConfig")."""
+    with pytest.raises(ConfigError) as err:
+        load_recipe(None, [override])
+    assert expected in str(err.value) and "AnyNode" not in str(err.value)
+
+
 def test_missing_files_are_named(tmp_path: Path):
     with pytest.raises(ConfigError, match="nothere.yaml: recipe file not found"):
         load_recipe(tmp_path / "nothere.yaml")
@@ -58,8 +83,9 @@ def test_missing_files_are_named(tmp_path: Path):
 def test_recipe_file_errors(tmp_path: Path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("seg:\n  lr: [unclosed\n")
-    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML at line 3, column 1: expected ',' or ']'") as err:
         load_recipe(bad)
+    assert "\n" not in str(err.value)  # PyYAML's own message draws the spot over several lines
     unknown = tmp_path / "unknown.yaml"
     unknown.write_text("seg:\n  colour: red\n")
     with pytest.raises(ConfigError, match=r"unknown.yaml: unknown key 'seg.colour'"):

@@ -13,7 +13,7 @@ import pytest
 
 from wsss.config import load_recipe
 from wsss.data import build_dataset
-from wsss.data.folder import FolderDataset, main
+from wsss.data.folder import FolderDataset
 from wsss.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,10 +119,13 @@ def test_from_config_with_the_example_recipe(make_folder):
     assert isinstance(ds, FolderDataset) and ds.ids == ["both"]
 
 
-def test_check_command(make_folder, capsys):
-    assert main([str(make_folder())]) == 0
-    out = capsys.readouterr().out
-    assert "3 images in split 'train', 2 classes" in out and "cat" in out
+def test_check_command(make_folder, tmp_path, capsys):
+    """A folder is checked with `wsss data check` and the example recipe (no second CLI in wsss.data.folder)."""
+    from wsss.cli import main
+
+    main(["data", "check", str(ROOT / "configs" / "folder_example.yaml"), f"data.root={make_folder()}",
+          f"run.root={tmp_path / 'runs'}"])
+    assert "train: 3 of 3 samples OK (image, labels)" in capsys.readouterr().out
 
 
 def test_classes_file_problems(make_folder):

@@ -140,10 +140,19 @@ def test_sigkill_then_rerun_resumes_training_from_its_checkpoint(tmp_path, capsy
     assert steps == sorted(set(steps)) and steps[0] < info["metrics"]["resumed_from_step"] <= steps[-1], steps
 
 
+CTRL_C_STEPS = 1_000_000  # at >= 1 ms a step, the run would take hours: it can only end by the signal
+
+
 def test_ctrl_c_stops_training_cleanly_and_says_how_to_resume(tmp_path):
+    """Robust by construction, not by timing: the run has CTRL_C_STEPS steps, so it cannot finish
+    before the test sends SIGINT, and SIGINT is sent only once the first checkpoint exists (training
+    is under way). An earlier version trained 50 steps and once, on a loaded machine, finished
+    (exit 0) before its signal arrived. Checked by running this file and
+    tests/test_bad_inputs_matrix.py three times in a row beside two CPU-bound processes
+    (`nice -n 19 python -c 'while True: pass'`), with no failure."""
     run, log = tmp_path / "runs" / "c", tmp_path / "ctrl_c.log"
-    args = _args(tmp_path, "train-cam", "c", "cam.max_steps=50", "trainer.checkpoint_every_steps=1")
-    proc = _start(args, log, slow=0.2)
+    args = _args(tmp_path, "train-cam", "c", f"cam.max_steps={CTRL_C_STEPS}", "trainer.checkpoint_every_steps=1")
+    proc = _start(args, log, slow=0.05)  # slowed renames: the signal often lands mid-write (no .tmp-* may be left)
     _stop_when(proc, (run / "cam" / "checkpoints" / "last.ckpt").is_file, signal.SIGINT, log)
     text = log.read_text()
     assert proc.returncode == 130, text[-3000:]

@@ -209,3 +209,42 @@ def test_evaluate_folders_decodes_with_bounds(tmp_path, capsys):
     msg = _error(capsys, ["evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), "--dataset", "shapes"])
     assert "possible decompression bomb" in msg, msg
 
+
+
+@pytest.mark.parametrize("content, cause", [
+    (np.random.default_rng(0).bytes(500), "not a torch checkpoint, or corrupt: Unsupported operand"),
+    (b"", "empty or truncated file"),
+    (b"PK\x03\x04" + bytes(200), "corrupt or truncated file: PytorchStreamReader failed reading zip archive"),
+    ("pickle", "it holds pickled Python objects, not only tensors: Trying to load unsupported GLOBAL"),
+])
+def test_unloadable_weights_give_the_cause_not_torchs_unsafe_advice(tmp_path, content, cause):
+    """torch's message for a file weights_only=True refuses starts with "re-running with weights_only=False
+    will likely succeed": wrong for random bytes, and unsafe advice. We keep only the cause, in one line."""
+    from wsss.engine.trainer import AtomicCheckpointIO
+    from wsss.models.backbones import load_state_dict_file
+
+    path = tmp_path / "x.pth"
+    if content == "pickle":
+        _trap(path, tmp_path / "pwned")
+    else:
+        path.write_bytes(content)
+    with pytest.raises(CheckpointError) as err:
+        load_state_dict_file(path)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: cannot load with weights_only=True ({cause}") and "\n" not in msg, msg
+    assert "weights_only=False" not in msg and "likely succeed" not in msg
+    with pytest.raises(CheckpointError) as err:
+        AtomicCheckpointIO().load_checkpoint(path)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: cannot load checkpoint safely ({cause}") and "\n" not in msg, msg
+    assert msg.endswith("); delete it to train from the start") and "likely succeed" not in msg
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_random_bytes_as_safetensors_name_the_file(tmp_path):
+    from wsss.models.backbones import load_state_dict_file
+
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(np.random.default_rng(0).bytes(500))
+    with pytest.raises(CheckpointError, match=rf"^{path}: not a valid \.safetensors file \(Error while deserializing header"):
+        load_state_dict_file(path)

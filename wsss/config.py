@@ -321,8 +321,11 @@ def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[dict]:
         raise ConfigError(f"{path}: recipe includes itself through `defaults`")
     try:
         data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    except yaml.YAMLError as e:  # its str() spans several lines with a drawing of the spot
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
     layers: list[dict] = []
@@ -335,28 +338,68 @@ def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[dict]:
     return layers
 
 
-def _merge(base: DictConfig, layer: Any, source: str) -> DictConfig:
+def _merge(base: DictConfig, layer: Any, source: str, key: str = "") -> DictConfig:
     try:
         return OmegaConf.merge(base, layer)
     except OmegaConfBaseException as e:
-        raise ConfigError(_explain(e, source)) from None
+        raise ConfigError(_explain(e, source, key)) from None
 
 
-def _explain(e: OmegaConfBaseException, source: str) -> str:
-    key = getattr(e, "full_key", None) or ""
+def _explain(e: OmegaConfBaseException, source: str, key_hint: str = "") -> str:
+    key = getattr(e, "full_key", None) or key_hint
     msg = str(e).split("\n")[0]
     if "Key '" in msg and "not in" in msg or "ConfigKeyError" in type(e).__name__ or "not in struct" in msg:
         return f"{source}: unknown key '{key}'" + _suggest(key)
     if "ValidationError" in type(e).__name__:
+        expected = _expected_type(key)
+        if expected:  # OmegaConf's own wording names its node classes ("AnyNode is not a ListConfig")
+            got = getattr(e, "value", None)
+            return f"{source}: wrong type for '{key}': expected {expected}" + (f", got {got!r}" if got is not None else "")
         return f"{source}: wrong type for '{key}': {msg}"
     return f"{source}: invalid value for '{key}': {msg}"
 
 
+def _expected_type(key: str) -> str:
+    """What the schema holds at `key`, in words with an example ("" if the key is not in the schema)."""
+    node = OmegaConf.select(_schema(), key, default=None) if key else None
+    if isinstance(node, ListConfig):
+        return f"a list such as {list(node) or ['...']}"
+    if isinstance(node, DictConfig):
+        return f"a section; set its keys instead ({key}.<key>=value)"
+    if isinstance(node, bool):
+        return "true or false"
+    if isinstance(node, int):
+        return f"an integer such as {node}"
+    if isinstance(node, float):
+        return f"a number such as {node}"
+    if isinstance(node, str):
+        return "text"
+    return ""
+
+
+# Names users bring from other code bases -> the schema's name (same section)
+_SYNONYMS = {"learning_rate": "lr", "base_lr": "lr", "batch": "batch_size", "bs": "batch_size",
+             "num_epochs": "epochs", "epoch": "epochs", "max_epochs": "epochs", "steps": "max_steps",
+             "max_iters": "max_steps", "wd": "weight_decay", "workers": "num_workers",
+             "num_threads": "threads", "crop": "crop_size", "model": "arch", "backbone": "encoder"}
+
+
 def _suggest(key: str) -> str:
+    """Keys close to an unknown `key`: its synonym, the same name in a subsection, close names in its section,
+    then close full keys."""
     import difflib
 
     flat = list(_flat_keys(OmegaConf.to_container(_schema())))
-    close = difflib.get_close_matches(key, flat, n=3)
+    section, _, leaf = key.rpartition(".")
+    head = f"{section}." if section else ""
+    close: list[str] = []
+    if leaf in _SYNONYMS:
+        close += [k for k in flat if k == head + _SYNONYMS[leaf] or k.startswith(f"{head}{_SYNONYMS[leaf]}.")][:1]
+    close += [k for k in flat if k.startswith(head) and k.endswith(f".{leaf}")]
+    leaves = [k[len(head):] for k in flat if k.startswith(head) and "." not in k[len(head):]]
+    close += [head + m for m in difflib.get_close_matches(leaf, leaves, n=3)]
+    close += difflib.get_close_matches(key, flat, n=3)
+    close = list(dict.fromkeys(close))[:3]
     return f" (did you mean: {', '.join(close)}?)" if close else ""
 
 
@@ -422,7 +465,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         for p in parts[:-1]:
             cur = cur.setdefault(p, {})
         cur[parts[-1]] = value
-        cfg = _merge(cfg, nested, f"override {ov!r}")
+        cfg = _merge(cfg, nested, f"override {ov!r}", key)
     if not cfg.run.name:
         cfg.run.name = Path(path).stem if path else "run"
     validate(cfg)

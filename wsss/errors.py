@@ -42,13 +42,27 @@ def run_guarded(fn: Callable[[], Any]) -> Any:
         print("\ninterrupted: finished work is kept; rerun the same command to resume where it stopped", file=sys.stderr)
         sys.exit(130)
     except WsssError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line_worker_error(e) or e}", file=sys.stderr)
         sys.exit(2)
     except Exception as e:  # noqa: BLE001
-        msg = str(e)
-        # A DataError raised inside a DataLoader worker arrives wrapped with the worker's traceback.
-        if "Original Traceback" in msg and "wsss.errors." in msg:
-            last = [line for line in msg.strip().splitlines() if line.strip()][-1]
-            print(f"error: {last.split(': ', 1)[-1]}", file=sys.stderr)
-            sys.exit(2)
-        raise
+        line = one_line_worker_error(e)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        sys.exit(2)
+
+
+def one_line_worker_error(exc: BaseException) -> str | None:
+    """The message of a wsss error raised in a DataLoader worker, without the worker's traceback; else None.
+
+    The DataLoader re-raises a worker's exception in the main process as the same type (a DataError
+    stays a DataError) whose message is "Caught X in DataLoader worker process N. Original Traceback
+    ...", ending with the line "wsss.errors.X: <our message>".
+    """
+    msg = str(exc)
+    if "Original Traceback" not in msg:
+        return None
+    last = next((line for line in reversed(msg.splitlines()) if line.strip()), "")
+    if not last.startswith("wsss.errors."):
+        return None
+    return last.split(": ", 1)[1] if ": " in last else None

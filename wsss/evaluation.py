@@ -38,12 +38,13 @@ def evaluate_folders(pred_dir: Path, gt_dir: Path, class_names: Sequence[str], a
     if not names:
         raise DataError(gt_dir, "no .png ground-truth masks found")
     cm = ConfusionMatrix(len(class_names))
-    for name in tqdm(names, desc="evaluate", leave=False):
+    for name in tqdm(names, desc="evaluate", leave=False, disable=None):  # no bar in logs
         gt = read_index_png(gt_dir / f"{name}.png", len(class_names), None, "ground truth")
         pred_path = pred_dir / f"{name}.png"
         if not pred_path.is_file():
             raise DataError(pred_path, f"prediction missing for ground truth {gt_dir / (name + '.png')}")
-        cm.update(read_index_png(pred_path, len(class_names), gt.shape, "prediction"), gt)
+        cm.update(read_index_png(pred_path, len(class_names), gt.shape, "prediction",
+                                 against="its ground-truth mask"), gt)
     return cm.compute(class_names, absent)
 
 

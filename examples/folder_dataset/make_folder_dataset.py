@@ -1,7 +1,7 @@
 """Build a small "folder of my own images" data set (cats and dogs) from the voc12-mini slice.
 
     python examples/folder_dataset/make_folder_dataset.py --out data/pets
-    python -m wsss.data.folder data/pets --split train      # check it
+    wsss data check configs/folder_example.yaml               # check it
     wsss run configs/folder_example.yaml                      # train on it (data.root=data/pets)
 
 It writes the layout documented in docs/datasets.md:

@@ -180,7 +180,7 @@ class SegDataset:
         if progress:
             from tqdm import tqdm
 
-            it = tqdm(self.ids, desc="checking data", leave=False)
+            it = tqdm(self.ids, desc="checking data", leave=False, disable=None)  # no bar in logs
         for sid in it:
             try:
                 s = self.load(sid, parts)

@@ -169,7 +169,7 @@ class COCODataset(SegDataset):
         if progress and len(todo) > 200:
             from tqdm import tqdm
 
-            it = tqdm(todo, desc=f"painting COCO {self.split} masks (once)", leave=False)
+            it = tqdm(todo, desc=f"painting COCO {self.split} masks (once)", leave=False, disable=None)
         bad: dict[str, str] = {}
         for sid in it:
             try:

@@ -9,7 +9,7 @@
       saliency/<id>.png          optional grayscale
       splits/<split>.txt         optional; without splits/ every split is all labelled images
 
-Run `python -m wsss.data.folder ROOT` to check a folder before training.
+Check a folder before training with `wsss data check configs/folder_example.yaml data.root=ROOT`.
 """
 
 from __future__ import annotations
@@ -250,30 +250,3 @@ class FolderDataset(SegDataset):
     def _load_labels(self, sample_id: str) -> np.ndarray:
         return self._labels[sample_id]
 
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m wsss.data.folder ROOT [--split S]`: read every sample once and summarise."""
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m wsss.data.folder", description=main.__doc__)
-    ap.add_argument("root")
-    ap.add_argument("--split", default="train")
-    ap.add_argument("--skip-bad", action="store_true")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        ds = FolderDataset(args.root, args.split, skip_bad=args.skip_bad)
-        ds.check(("image", "labels", "mask", "scribble", "saliency"))
-    except DataError as e:
-        print(f"error: {e}")
-        return 1
-    counts = np.sum([ds.load_labels(i) for i in ds.ids], axis=0)
-    print(f"{len(ds)} images in split {args.split!r}, {ds.num_classes - 1} classes; skipped {len(ds.skipped)}")
-    for name, n in zip(ds.class_names[1:], counts):
-        print(f"  {name:20s} {int(n)} images")
-    print(f"masks: {ds.has_masks}  scribbles: {ds.has_scribbles}  saliency: {ds.has_saliency}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

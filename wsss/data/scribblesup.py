@@ -183,7 +183,7 @@ def convert_scribblesup(xml_dir: str | Path, image_dir: str | Path, out_dir: str
     if progress:
         from tqdm import tqdm
 
-        it = tqdm(files, desc="converting scribbles", leave=False)
+        it = tqdm(files, desc="converting scribbles", leave=False, disable=None)
     for xml in it:
         try:
             sid = check_sample_id(xml.stem, xml)

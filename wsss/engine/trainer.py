@@ -25,7 +25,7 @@ from wsss.data.transforms import seed_worker
 from wsss.engine import dist
 from wsss.errors import CheckpointError, ConfigError
 from wsss.io import atomic
-from wsss.models.backbones import describe_mismatch
+from wsss.models.backbones import describe_mismatch, torch_load_problem
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         try:  # weights_only=True whatever the caller asks: a checkpoint file may come from anywhere
             checkpoint = torch.load(path, map_location=map_location, weights_only=True)
         except Exception as e:  # noqa: BLE001 - any unpickling failure means unsafe or corrupt
-            raise CheckpointError(f"{path}: cannot load checkpoint safely ({str(e).splitlines()[0][:300]}); "
+            raise CheckpointError(f"{path}: cannot load checkpoint safely ({torch_load_problem(e)}); "
                                   "delete it to train from the start") from None
         module = self.trainer.lightning_module if self.trainer is not None else None
         if module is not None and isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):

@@ -104,5 +104,6 @@ def _as_run_dir_error(path: Path, e: OSError) -> RunDirError:
     if e.errno == errno.ENOSPC:
         return RunDirError(f"{path}: no space left on device; free some space and rerun the same command to resume")
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return RunDirError(f"{path}: cannot write ({e.strerror}); choose a writable run directory with run.root=...")
+        return RunDirError(f"{path}: cannot write ({e.strerror}); make its folder writable or write elsewhere "
+                           "(run.root=... for a run, --output for predict and crf)")
     return RunDirError(f"{path}: write failed ({e.strerror or e})")

@@ -70,10 +70,7 @@ def _open_bounded(path: Path, max_pixels: int) -> Image.Image:
     except OSError as e:
         raise DataError(path, f"cannot open image ({e})") from None
     try:
-        w, h = img.size
-        if max_pixels and w * h > max_pixels:
-            raise DataError(path, f"image is {w}x{h} = {w * h} pixels, above the limit of {max_pixels} "
-                                  "(possible decompression bomb; raise data.max_pixels if the file is genuine)")
+        _check_pixels(path, *img.size, max_pixels)
         # PIL silently decodes 16-bit RGB/RGBA PNGs to 8 bits; the raw mode still tells (read before load()).
         img.info["wsss_high_bit_depth"] = img.mode in _HIGH_BIT_DEPTH or _raw_is_16bit(img)
         try:
@@ -131,11 +128,18 @@ def image_size(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[
     try:
         with Image.open(path) as img:
             w, h = img.size
-    except (UnidentifiedImageError, OSError) as e:
-        raise DataError(path, f"not a readable image ({e})") from None
-    if max_pixels and w * h > max_pixels:
-        raise DataError(path, f"image is {w}x{h}, above the limit of {max_pixels} pixels")
+    except UnidentifiedImageError:  # the same words as when decoding (_open_bounded)
+        raise DataError(path, "not a readable image (corrupt file or unknown format)") from None
+    except OSError as e:
+        raise DataError(path, f"cannot open image ({e})") from None
+    _check_pixels(path, w, h, max_pixels)
     return h, w
+
+
+def _check_pixels(path: Path, w: int, h: int, max_pixels: int) -> None:
+    if max_pixels and w * h > max_pixels:
+        raise DataError(path, f"image is {w}x{h} = {w * h} pixels, above the limit of {max_pixels} "
+                              "(possible decompression bomb; raise data.max_pixels if the file is genuine)")
 
 
 def voc_palette() -> np.ndarray:
@@ -161,8 +165,11 @@ def read_index_png(
     expected_hw: tuple[int, int] | None = None,
     what: str = "mask",
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    against: str = "its image",
 ) -> np.ndarray:
-    """Read a label map (index/palette PNG, or RGB in the VOC palette) as uint8 (H, W) in {0..C-1, 255}."""
+    """Read a label map (index/palette PNG, or RGB in the VOC palette) as uint8 (H, W) in {0..C-1, 255}.
+
+    `expected_hw` is the size of `against` (named in the error when the sizes differ)."""
     path = Path(path)
     img = _open_bounded(path, max_pixels)
     if img.mode in ("P", "L", "1"):
@@ -181,7 +188,7 @@ def read_index_png(
     else:
         raise DataError(path, f"{what} has unsupported PIL mode {img.mode}; expected an index or palette PNG")
     if expected_hw is not None and arr.shape != tuple(expected_hw):
-        raise DataError(path, f"{what} size {arr.shape[1]}x{arr.shape[0]} (WxH) differs from its image "
+        raise DataError(path, f"{what} size {arr.shape[1]}x{arr.shape[0]} (WxH) differs from {against} "
                               f"{expected_hw[1]}x{expected_hw[0]}")
     bad = np.unique(arr[(arr >= num_classes) & (arr != IGNORE)])
     if bad.size:

@@ -11,6 +11,7 @@ Weights (`backbone.weights`):
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -65,11 +66,14 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - SafetensorError (a Rust type), OSError: all mean "not readable"
+            raise CheckpointError(f"{path}: not a valid .safetensors file ({_first_line(e)})") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - the unpickler raises many types; all mean "unsafe or corrupt"
-        raise CheckpointError(f"{path}: cannot load with weights_only=True ({str(e).splitlines()[0]}); "
+        raise CheckpointError(f"{path}: cannot load with weights_only=True ({torch_load_problem(e)}); "
                               "only plain state dicts and Lightning checkpoints are accepted") from None
     for key in ("state_dict", "model", "module"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
@@ -77,6 +81,31 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: not a state dict")
     return obj
+
+
+def torch_load_problem(e: BaseException) -> str:
+    """The cause of a failed `torch.load(weights_only=True)` in one line, without torch's advice to load
+    with weights_only=False (which would run the file's pickled code)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    if text.startswith("Weights only load failed"):
+        body = text.split("Check the documentation", 1)[0]
+        if "WeightsUnpickler error:" in body:
+            detail = body.split("WeightsUnpickler error:", 1)[1]
+        else:  # torch's advice comes first; the cause is the last paragraph
+            detail = next((line for line in reversed(body.splitlines()) if line.strip()), "")
+        detail = " ".join(detail.split()).split(". ")[0].rstrip(".")
+        if "GLOBAL" in detail:
+            return f"it holds pickled Python objects, not only tensors: {detail}"
+        return f"not a torch checkpoint, or corrupt: {detail}"
+    if isinstance(e, EOFError):
+        return "empty or truncated file"
+    if "zip archive" in text:
+        return f"corrupt or truncated file: {_first_line(e).split('. ')[0].rstrip('.')}"
+    return f"not a torch checkpoint: {type(e).__name__} {_first_line(e)}".rstrip()
+
+
+def _first_line(e: BaseException) -> str:
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), "")
 
 
 def load_matching(module: nn.Module, state: dict[str, torch.Tensor], source: str,

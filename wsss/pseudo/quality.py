@@ -37,7 +37,7 @@ def mask_quality(mask_dir: Path, ds: SegDataset, ids: Iterable[str], absent: str
     labelled = total = 0
     for sid in ids:
         gt = ds.load_mask(sid)
-        pred = read_index_png(Path(mask_dir) / f"{sid}.png", ds.num_classes, gt.shape, "pseudo mask")
+        pred = read_index_png(Path(mask_dir) / f"{sid}.png", ds.num_classes, gt.shape, "pseudo mask", against="its ground-truth mask")
         cm.update(pred, gt)
         labelled += int((pred != 255).sum())
         total += pred.size

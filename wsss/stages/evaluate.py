@@ -52,7 +52,8 @@ def run(rd: RunDir) -> dict:
             cm = ConfusionMatrix(ds.num_classes)
             for sid in ds.ids:
                 gt = ds.load_mask(sid)
-                cm.update(read_index_png(out / f"{sid}.png", ds.num_classes, gt.shape, "prediction"), gt)
+                cm.update(read_index_png(out / f"{sid}.png", ds.num_classes, gt.shape, "prediction",
+                                        against="its ground-truth mask"), gt)
             result = cm.compute(ds.class_names, cfg.eval.absent)
             protocol = f"scales {list(cfg.eval.scales)}, flip {cfg.eval.flip}, crf {cfg.eval.crf}"
             save_metrics(rd.sub("metrics"), "evaluate", result, f"segmenter on {split} ({len(ds)} images; {protocol})")
