@@ -31,7 +31,7 @@ from wsss.losses.densecrf_loss import KERNELS, dense_bilateral_filter, downscale
 class NCutOptions:
     """`seg.loss.ncut.*`: normalized-cut loss; weight in our units (docs/methods/scribbles.md, "Regularized-loss family")."""
 
-    weight: float = 0.5  # voc12 recipes (512 crops); see the calibration table in docs/methods/scribbles.md
+    weight: float = 3.0  # voc12 recipes (512 crops): same mean |dL/dlogits| as the DenseCRF loss at 2.4e-8 (docs/methods/scribbles.md)
     sigma_rgb: float = 15.0  # rloss's DenseCRF bandwidths, reused for the dense kernel
     sigma_xy: float = 100.0  # full-resolution pixels; multiplied by `scale`
     scale: float = 0.5  # computed on a downscaled output, as rloss's DenseCRF loss
