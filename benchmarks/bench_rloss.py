@@ -76,7 +76,7 @@ def part_calib(args: argparse.Namespace) -> None:
 
     print("\n## Weights of the normalized-cut and grid-Potts losses (same mean |dL/dlogits| as the DenseCRF loss)\n")
     print(f"S = softmax(4 x blurred one-hot GT); {args.calib_images} VOC val crops (16 shapes train images); "
-          f"sigma_rgb {SIGMA_RGB}, dense kernels at scale {SCALE}, grid Potts 8-neighbour, GrabCut contrast, full resolution.\n")
+          f"sigma_rgb {SIGMA_RGB}, dense kernels at scale {SCALE}, grid Potts 8-neighbour, KernelCut contrast (sigma^2 = mean |dI|^2), full resolution.\n")
     print("| setting | DenseCRF weight (recipe) | mean abs grad, DenseCRF x weight | mean abs grad, NC (unweighted) | "
           "NC value / image | NC weight | mean abs grad, Potts (unweighted) | Potts weight |")
     print("|---|---|---|---|---|---|---|---|")

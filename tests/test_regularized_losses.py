@@ -91,8 +91,8 @@ def _potts_reference(probs, image, roi, neighbours, sigma, relaxation="bilinear"
         keep = roi[n].flatten()
         s = (probs[n] * roi[n]).reshape(c, -1).t()  # (HW, C)
         inside = [(p, q, dist) for p, q, dist in pairs if keep[p] and keep[q]]
-        if sigma is None:  # GrabCut: 2 sigma^2 = mean |I_p - I_q|^2 over the (unordered) pairs
-            two_s2 = sum(float((rgb[p] - rgb[q]).square().sum()) for p, q, _ in inside) / len(inside)
+        if sigma is None:  # the KernelCut code's sigma^2 = mean |I_p - I_q|^2 over the neighbour pairs
+            two_s2 = 2 * sum(float((rgb[p] - rgb[q]).square().sum()) for p, q, _ in inside) / len(inside)
         else:
             two_s2 = 2 * sigma ** 2
         for p, q, dist in inside:
