@@ -37,7 +37,7 @@ OFFSETS = {4: ((0, 1), (1, 0)), 8: ((0, 1), (1, 0), (1, 1), (1, -1))}
 class PottsOptions:
     """`seg.loss.potts.*`: grid-CRF (nearest-neighbour Potts) loss; weight in our units (docs/methods/scribbles.md)."""
 
-    weight: float = 1.2e-6  # voc12 recipes (512 crops): same mean |dL/dlogits| as the DenseCRF loss at 2.4e-8 (docs/methods/scribbles.md)
+    weight: float = 1.1e-6  # voc12 recipes (512 crops): same mean |dL/dlogits| as the DenseCRF loss at 2.4e-8 (docs/methods/scribbles.md)
     neighbours: int = 8  # 4 | 8
     sigma_rgb: Optional[float] = None  # None: KernelCut's per-image estimate sigma^2 = mean |I_p - I_q|^2
     relaxation: str = "bilinear"  # bilinear (the paper's S^T W (1 - S)) | squared (w |S_p - S_q|^2)
