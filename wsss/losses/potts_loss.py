@@ -3,8 +3,8 @@
     L_grid = (1/N) sum_n sum_k S_{n,k}^T W_n (1 - S_{n,k}),    S = softmax x ROI,
     W_pq   = exp(-|I_p - I_q|^2 / 2 sigma_rgb^2) / |p - q|   for q one of the 4 or 8 neighbours of p, else 0,
 
-the Potts model with contrast-sensitive weights (Boykov & Jolly 2001; GrabCut) in the bilinear
-relaxation the paper uses for every CRF loss (`relaxation="bilinear"`); `"squared"` is
+the Potts model with contrast-sensitive weights (Boykov & Jolly 2001) in the bilinear relaxation
+S^T W (1 - S) that the paper writes for its CRF losses (`relaxation="bilinear"`; rloss issue #14); `"squared"` is
 sum_pairs w_pq |S_p - S_q|^2, another relaxation of the same Potts energy. W is symmetric (each
 neighbour pair enters in both directions, as in S^T W (1 - S)), so on a hard labelling both equal
 2 x sum_{unordered pairs} w_pq [l_p != l_q]. Pairs with a pixel outside the ROI are dropped.
