@@ -46,4 +46,5 @@ def build_pixel_loss(name: str, options: Any = None) -> PixelLoss:
     return factory(options if options is not None or opts is None else opts())
 
 
-from wsss.losses import regularized  # noqa: E402,F401  (registers the regularisers)
+# registers the regularisers (densecrf, dfr, ncut, potts, kernelcut)
+from wsss.losses import kernelcut_loss, ncut_loss, potts_loss, regularized  # noqa: E402,F401
