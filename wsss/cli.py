@@ -20,6 +20,7 @@ log = logging.getLogger("wsss")
 
 # stage name -> (module, subcommand, one-line help)
 STAGE_COMMANDS = {
+    "saliency": ("wsss.stages.saliency", "saliency", "saliency maps of the train split (bundled network, a folder, or the data set's)"),
     "train_cam": ("wsss.stages.train_cam", "train-cam", "train the CAM classification network on image-level labels"),
     "cam": ("wsss.stages.cam", "cam", "multi-scale + flip CAM inference, one cams/<id>.npz per image"),
     "pseudo": ("wsss.stages.pseudo", "pseudo", "pseudo masks from CAMs (threshold / CRF / PPMG) and their quality"),
@@ -94,6 +95,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gt", help="folder of ground-truth PNGs")
     p.add_argument("--thresholds", default="", help="comma-separated thresholds (default 0.05..0.60 step 0.05)")
     _add_class_args(p)
+
+    p = sub.add_parser("eval-saliency", help="saliency quality: MAE, max F (beta^2=0.3), foreground IoU vs GT masks",
+                       description="Score 8-bit saliency maps against the ground-truth foreground (any non-background "
+                                   "class; 255 ignored). Either RECIPE (the run's saliency/ and the train split's masks) "
+                                   "or --saliency DIR --gt DIR (every <id>.png of --gt needs a map).",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_recipe_args(p, recipe_required=False)
+    p.add_argument("--saliency", help="folder of <id>.png saliency maps (grayscale 0..255)")
+    p.add_argument("--gt", help="folder of ground-truth index/palette PNGs")
+    p.add_argument("--threshold", type=float, default=None, help="foreground IoU threshold (default saliency.threshold = 0.5)")
+    p.add_argument("--json", help="also write the scores to this JSON file")
 
     p = sub.add_parser("predict", help="segment new images (a folder) with a trained run",
                        description="Predict every image in --input with the run's segmenter; writes index PNGs "
@@ -285,6 +297,33 @@ def cmd_eval_cam(args: argparse.Namespace) -> None:
         atomic.write_json(args.json, {f"{tt:.2f}": mm.to_dict() for tt, mm in sweep})
 
 
+def cmd_eval_saliency(args: argparse.Namespace) -> None:
+    from wsss.io import atomic
+    from wsss.saliency.metrics import evaluate_saliency_dataset, evaluate_saliency_folder
+
+    if args.saliency or args.gt:
+        if not (args.saliency and args.gt):
+            raise WsssError("eval-saliency: give both --saliency and --gt (or a RECIPE)")
+        result = evaluate_saliency_folder(args.saliency, args.gt, 0.5 if args.threshold is None else args.threshold)
+        title = f"{args.saliency} vs {args.gt}"
+    else:
+        if not args.recipe:
+            raise WsssError("eval-saliency: give a RECIPE, or --saliency DIR --gt DIR")
+        from wsss.stages.common import open_run, split_dataset
+        from wsss.stages.saliency import saliency_split
+
+        rd = open_run(args.recipe, args.overrides)
+        ds = split_dataset(rd.cfg, saliency_split(rd.cfg))
+        if not ds.has_masks:
+            raise WsssError(f"eval-saliency: split {saliency_split(rd.cfg)} has no ground-truth masks")
+        threshold = rd.cfg.saliency.threshold if args.threshold is None else args.threshold
+        result = evaluate_saliency_dataset(rd.sub("saliency"), ds, threshold)
+        title = f"{rd.sub('saliency')} ({rd.cfg.saliency.source})"
+    print(f"{title}\n{result.line()}")
+    if args.json:
+        atomic.write_json(args.json, result.to_dict())
+
+
 def cmd_predict(args: argparse.Namespace) -> None:
     from wsss.stages.predict import predict_folder
     from wsss.stages.common import open_run
@@ -363,6 +402,8 @@ def main(argv: list[str] | None = None) -> None:
         run_guarded(lambda: cmd_evaluate(args))
     elif args.command == "eval-cam":
         run_guarded(lambda: cmd_eval_cam(args))
+    elif args.command == "eval-saliency":
+        run_guarded(lambda: cmd_eval_saliency(args))
     elif args.command == "predict":
         run_guarded(lambda: cmd_predict(args))
     elif args.command == "crf":

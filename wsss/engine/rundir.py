@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 # What each stage's outputs depend on: config sections plus the stages it reads from.
 STAGE_INPUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "saliency": (("saliency", "data.dataset", "data.root", "data.train_split", "data.max_images", "data.saliency_dir",
+                  "data.shapes", "data.skip_bad"), ()),
     "train_cam": (("data", "cam", "trainer.seed"), ()),
     "cam": (("cam_infer", "data.dataset", "data.root", "data.train_split", "data.max_images"), ("train_cam",)),
     "pseudo": (("pseudo",), ("cam",)),
