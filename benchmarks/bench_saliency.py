@@ -91,7 +91,7 @@ COMBOS = {
 }
 
 
-def evaluate(limit: int, crf_iters: tuple[int, ...]) -> None:
+def evaluate(limit: int, crf_iters: tuple[int, ...], rows: str = "all") -> None:
     import torch
 
     from wsss.crf.presets import PRESETS
@@ -99,12 +99,18 @@ def evaluate(limit: int, crf_iters: tuple[int, ...]) -> None:
     from wsss.saliency.refine import crf_saliency
 
     torch.set_num_threads(1)
-    ids = [sid for sid in ordered_ids()[:limit] if (CACHE / f"{sid}.npz").is_file()]
+    ids = ordered_ids()[:limit]
+    missing = [sid for sid in ids if not (CACHE / f"{sid}.npz").is_file()]
+    if missing:
+        raise SystemExit(f"{len(missing)} of the first {limit} images are not cached yet (e.g. {missing[0]}): run the cache phase")
     parts = {"tune": ids[0::3], "report": [s for i, s in enumerate(ids) if i % 3], "all": ids}
     combos = dict(COMBOS)
     for it in crf_iters:  # the preset runs 1 mean-field iteration (AuxSegNet); more iterations as a variant
         if it != PRESETS["auxsegnet_sal"].iterations:
             combos[f"+ flip + CRF ({it} iterations)"] = (("raw", "flip"), 0.0, it)
+    if rows != "all":  # "tiles": only the rows with tiles (and the raw row to compare with); "no-tiles": the others
+        keep = ("raw network", "+ flip", "+ flip + CRF") if rows == "tiles" else ()
+        combos = {k: v for k, v in combos.items() if (v[1] > 0) == (rows == "tiles") or k in keep}
     meters = {(c, p): SaliencyMeter(0.5) for c in combos for p in parts}
     net_secs = {v: [] for v in VIEWS}
     crf_secs: dict[str, list[float]] = {}
@@ -114,6 +120,8 @@ def evaluate(limit: int, crf_iters: tuple[int, ...]) -> None:
             net_secs[k].append(v)
         image, gt = load(sid)
         for name, (views, tw, crf) in combos.items():
+            if tw and "tiles2" not in z.files:
+                raise SystemExit(f"{sid}: tiles2 not cached; run `cache --views tiles2 --limit {limit}` or use --rows no-tiles")
             sal = np.mean([z[v].astype(np.float32) for v in views], axis=0)
             if tw:
                 sal = (1 - tw) * sal + tw * z["tiles2"].astype(np.float32)
@@ -147,12 +155,13 @@ def main() -> None:
     ap.add_argument("phase", choices=["cache", "eval"])
     ap.add_argument("--limit", type=int, default=330)
     ap.add_argument("--views", default=",".join(VIEWS), help="cache: which views to compute (comma-separated)")
+    ap.add_argument("--rows", choices=["all", "tiles", "no-tiles"], default="all", help="eval: which variants")
     ap.add_argument("--crf-iters", default="1,5", help="CRF iterations to compare (the preset's 1 plus variants)")
     args = ap.parse_args()
     if args.phase == "cache":
         cache(args.limit, tuple(v for v in args.views.split(",") if v))
     else:
-        evaluate(args.limit, tuple(int(i) for i in args.crf_iters.split(",") if i))
+        evaluate(args.limit, tuple(int(i) for i in args.crf_iters.split(",") if i), args.rows)
 
 
 if __name__ == "__main__":

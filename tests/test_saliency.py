@@ -175,6 +175,7 @@ def _pngs(d: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(d.glob("*.png"))}
 
 
+@pytest.mark.slow  # three runs of the stage plus a report (~15 s idle; minutes on a loaded machine)
 def test_stage_writes_maps_resumes_and_reports(tmp_path, monkeypatch):
     ref = _run(tmp_path, "ref", command="run")  # saliency, then report
     maps = _pngs(ref / "saliency")
@@ -269,6 +270,7 @@ def _error_line(capsys) -> str:
     return err[-1]
 
 
+@pytest.mark.slow  # six runs of the stage
 def test_folder_source_missing_wrong_size_and_corrupt_maps(tmp_path, capsys):
     folder = _folder_of_maps(tmp_path)
     files = sorted(folder.glob("*.png"))
