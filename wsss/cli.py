@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--saliency", help="folder of <id>.png saliency maps (grayscale 0..255)")
     p.add_argument("--gt", help="folder of ground-truth index/palette PNGs")
     p.add_argument("--threshold", type=float, default=None, help="foreground IoU threshold (default saliency.threshold = 0.5)")
+    p.add_argument("--only-present", action="store_true", help="--gt mode: score only ids that have a saliency map "
+                                                                   "(default: every GT id needs one)")
     p.add_argument("--json", help="also write the scores to this JSON file")
 
     p = sub.add_parser("predict", help="segment new images (a folder) with a trained run",
@@ -304,7 +306,14 @@ def cmd_eval_saliency(args: argparse.Namespace) -> None:
     if args.saliency or args.gt:
         if not (args.saliency and args.gt):
             raise WsssError("eval-saliency: give both --saliency and --gt (or a RECIPE)")
-        result = evaluate_saliency_folder(args.saliency, args.gt, 0.5 if args.threshold is None else args.threshold)
+        ids = None
+        if args.only_present:
+            from wsss.io.atomic import finished_files
+
+            ids = [p.stem for p in finished_files(args.gt, "*.png") if (Path(args.saliency) / p.name).is_file()]
+            if not ids:
+                raise WsssError(f"eval-saliency: no <id>.png in both {args.saliency} and {args.gt}")
+        result = evaluate_saliency_folder(args.saliency, args.gt, 0.5 if args.threshold is None else args.threshold, ids)
         title = f"{args.saliency} vs {args.gt}"
     else:
         if not args.recipe:
