@@ -91,7 +91,7 @@ COMBOS = {
 }
 
 
-def evaluate(limit: int, crf_iters: tuple[int, ...], rows: str = "all") -> None:
+def evaluate(limit: int, crf_iters: tuple[int, ...], rows: str = "all", only: tuple[str, ...] = ()) -> None:
     import torch
 
     from wsss.crf.presets import PRESETS
@@ -111,6 +111,11 @@ def evaluate(limit: int, crf_iters: tuple[int, ...], rows: str = "all") -> None:
     if rows != "all":  # "tiles": only the rows with tiles (and the raw row to compare with); "no-tiles": the others
         keep = ("raw network", "+ flip", "+ flip + CRF") if rows == "tiles" else ()
         combos = {k: v for k, v in combos.items() if (v[1] > 0) == (rows == "tiles") or k in keep}
+    if only:  # run some rows in separate processes (the CRF rows are the slow part)
+        unknown = set(only) - set(combos)
+        if unknown:
+            raise SystemExit(f"--only: unknown rows {sorted(unknown)}; rows are {list(combos)}")
+        combos = {k: v for k, v in combos.items() if k in only}
     meters = {(c, p): SaliencyMeter(0.5) for c in combos for p in parts}
     net_secs = {v: [] for v in VIEWS}
     crf_secs: dict[str, list[float]] = {}
@@ -156,12 +161,14 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=330)
     ap.add_argument("--views", default=",".join(VIEWS), help="cache: which views to compute (comma-separated)")
     ap.add_argument("--rows", choices=["all", "tiles", "no-tiles"], default="all", help="eval: which variants")
+    ap.add_argument("--only", default="", help="eval: only these rows, separated by ';' (e.g. 'raw network;+ flip')")
     ap.add_argument("--crf-iters", default="1,5", help="CRF iterations to compare (the preset's 1 plus variants)")
     args = ap.parse_args()
     if args.phase == "cache":
         cache(args.limit, tuple(v for v in args.views.split(",") if v))
     else:
-        evaluate(args.limit, tuple(int(i) for i in args.crf_iters.split(",") if i), args.rows)
+        evaluate(args.limit, tuple(int(i) for i in args.crf_iters.split(",") if i), args.rows,
+                 tuple(r.strip() for r in args.only.split(";") if r.strip()))
 
 
 if __name__ == "__main__":

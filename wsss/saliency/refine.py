@@ -2,7 +2,7 @@
 
 The network sees the whole image letterboxed to 224 px, so its map is coarse at VOC's ~500 px.
 Each option below is independent and measured in benchmarks/bench_saliency.py:
-  flip    average with the map of the mirrored image;
+  flip    average with the map of the mirrored image (whole-image views only);
   scales  letterbox factors <= 1 (longer side = 224 * s inside the 224 canvas), averaged;
   tiles   N >= 2: the image resized to a longer side of N * 224 and covered by 224-px windows at
           stride 112, blended with a smooth window, then mixed with the whole-image map
@@ -51,9 +51,8 @@ def predict_views(net: SaliencyNet, image: np.ndarray, opts: ViewOptions) -> np.
         maps = maps[:half] + [m[:, ::-1] for m in maps[half:]]
     sal = np.mean(maps, axis=0)
     if opts.tiles >= 2:
-        tiled = np.mean([tile_map(net, im, opts.tiles)[:, ::-1] if k else tile_map(net, im, opts.tiles)
-                         for k, im in enumerate(images)], axis=0)
-        sal = (1.0 - opts.tile_weight) * sal + opts.tile_weight * tiled
+        # tiles of the image as given only (flip applies to the whole-image views): as benchmarked
+        sal = (1.0 - opts.tile_weight) * sal + opts.tile_weight * tile_map(net, image, opts.tiles)
     return np.clip(sal, 0.0, 1.0).astype(np.float32)
 
 
