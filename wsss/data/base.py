@@ -50,6 +50,8 @@ class SegDataset:
 
     class_names: list[str]
     scribble_simulator: Optional[Callable[[str, np.ndarray], np.ndarray]] = None  # (id, mask) -> scribbles
+    saliency_folder: Optional[Path] = None  # saliency maps read from here instead (e.g. a run's saliency/)
+    saliency_source: str = ""  # what made the maps in saliency_folder (reports name it)
 
     def __init__(self, ids: list[str], class_names: list[str], *, image_mode: str = "convert",
                  max_pixels: int = images.DEFAULT_MAX_PIXELS, skip_bad: bool = False,
@@ -112,7 +114,16 @@ class SegDataset:
 
     @property
     def has_saliency(self) -> bool:
-        return bool(self.ids) and self.saliency_path(self.ids[0]) is not None
+        return bool(self.ids) and self.saliency_file(self.ids[0]) is not None
+
+    def saliency_file(self, sample_id: str) -> Optional[Path]:
+        """Where this sample's saliency map is read from: `saliency_folder` when set, else the data set's own."""
+        return self.saliency_folder / f"{sample_id}.png" if self.saliency_folder is not None else self.saliency_path(sample_id)
+
+    def read_saliency_from(self, directory: str | Path, source: str = "") -> "SegDataset":
+        """Read saliency maps from `directory/<id>.png` (e.g. the saliency stage's output) instead of the data set's."""
+        self.saliency_folder, self.saliency_source = Path(directory), source
+        return self
 
     def load_image(self, sample_id: str) -> np.ndarray:
         return images.read_image(self.image_path(sample_id), self.image_mode, self.max_pixels)
@@ -128,7 +139,7 @@ class SegDataset:
         return None if p is None else images.read_index_png(p, self.num_classes, hw, "scribble", self.max_pixels)
 
     def load_saliency(self, sample_id: str, hw: tuple[int, int] | None = None) -> Optional[np.ndarray]:
-        p = self.saliency_path(sample_id)
+        p = self.saliency_file(sample_id)
         return None if p is None else images.read_saliency(p, hw, self.max_pixels)
 
     def load_labels(self, sample_id: str) -> np.ndarray:

@@ -253,3 +253,10 @@ def write_rgb_png(path: str | Path, rgb: np.ndarray) -> None:
 def colorize(labels: np.ndarray) -> np.ndarray:
     """(H, W) label map -> (H, W, 3) uint8 VOC colours."""
     return _PALETTE[labels]
+
+
+def write_gray_png(path: str | Path, gray: np.ndarray) -> None:
+    """Atomically write an (H, W) uint8 map (e.g. saliency 0..255) as an 8-bit grayscale PNG."""
+    if gray.ndim != 2 or gray.dtype != np.uint8:
+        raise ValueError(f"expected an (H, W) uint8 map, got {gray.shape} {gray.dtype}")
+    atomic.write_with(path, lambda f: Image.fromarray(gray, mode="L").save(f, format="PNG"))

@@ -96,6 +96,17 @@ def split_dataset(cfg: DictConfig, split: str) -> SegDataset:
     return ds
 
 
+def with_run_saliency(rd: RunDir, ds: SegDataset) -> SegDataset:
+    """`ds` reading its saliency from the run's `saliency/<id>.png` when the saliency stage is part of the run.
+
+    Later stages call this on the data set they load, so a run's own maps (stage `saliency`) replace the
+    data set's (data.saliency_dir); without the stage, `ds` is returned unchanged.
+    """
+    if "saliency" not in rd.cfg.run.stages:
+        return ds
+    return ds.read_saliency_from(rd.sub("saliency"), rd.cfg.saliency.source)
+
+
 def size_groups(ds: SegDataset, ids: list[str], batch_size: int) -> list[list[str]]:
     """Batches of ids whose images share a size (read from headers), keeping the list order within a size."""
     by_size: dict[tuple[int, int], list[str]] = defaultdict(list)

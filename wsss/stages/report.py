@@ -21,7 +21,7 @@ from wsss.cam.store import read_cams
 from wsss.engine import dist
 from wsss.engine.rundir import RunDir
 from wsss.io import atomic
-from wsss.io.images import read_index_png
+from wsss.io.images import read_index_png, read_saliency
 from wsss.stages.common import cam_split, split_dataset, stage_main
 from wsss.viz.overlays import cam_heatmap, fit_height, mask_overlay, to_data_uri
 
@@ -104,7 +104,7 @@ def _gallery(rd: RunDir, n: int) -> tuple[list[dict], list[dict]]:
     """Sample panels: train images with CAMs / pseudo / GT, and val images with prediction / GT."""
     cfg = rd.cfg
     train_panels, val_panels = [], []
-    if rd.sub("cams").is_dir() or rd.sub("pseudo").is_dir():
+    if rd.sub("cams").is_dir() or rd.sub("pseudo").is_dir() or rd.sub("saliency").is_dir():
         ds = split_dataset(cfg, cam_split(cfg))
         for sid in _spread(ds.ids, n):
             img = ds.load_image(sid)
@@ -114,6 +114,9 @@ def _gallery(rd: RunDir, n: int) -> tuple[list[dict], list[dict]]:
                 classes, cams = read_cams(cam_file)
                 for c, m in zip(classes, cams):
                     tiles.append((f"CAM {ds.class_names[c]}", cam_heatmap(img, m)))
+            sal = rd.sub("saliency", f"{sid}.png")
+            if sal.is_file():
+                tiles.append((f"saliency ({cfg.saliency.source})", cam_heatmap(img, read_saliency(sal, img.shape[:2]))))
             pseudo = rd.sub("pseudo", f"{sid}.png")
             if pseudo.is_file():
                 tiles.append(("pseudo mask", mask_overlay(img, read_index_png(pseudo, ds.num_classes, img.shape[:2]))))
@@ -173,6 +176,9 @@ def build_html(rd: RunDir) -> str:
     if cfg.seg.labels == "scribble" and cfg.data.scribbles.source == "simulate":
         parts.append("<p class='note'>Scribbles in this run are <b>simulated</b> from ground-truth masks "
                      "(wsss.data.scribble_sim.simulate_scribbles), not drawn by people.</p>")
+    sal_info = manifest.get("stages", {}).get("saliency", {})
+    if sal_info.get("status") == "done":
+        parts.append(_saliency_note(sal_info.get("metrics", {})))
     # headline numbers
     head = ["<h2>Headline numbers</h2><table class='grid'><tr><th>run</th><th>CAM seeds (train)</th>"
             "<th>pseudo masks (train)</th><th>segmenter (val)</th></tr>"]
@@ -225,6 +231,20 @@ def build_html(rd: RunDir) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in manifest.get("versions", {}).items())
     parts.append(f"<p class='sub'>Versions: {esc(versions)}. Resolved recipe: <code>{esc(str(rd.sub('config.yaml')))}</code>.</p>")
     return _PAGE.replace("{{title}}", esc(cfg.run.name)).replace("{{body}}", "\n".join(parts))
+
+
+def _saliency_note(m: dict) -> str:
+    """Which saliency source the run used (and its extra supervision), with the maps' quality if measured."""
+    from wsss.saliency.sources import SOURCE_NOTES
+
+    source = m.get("source", "?")
+    text = f"<p class='note'>Saliency maps (stage saliency) from <b>{html.escape(source)}</b>: {html.escape(SOURCE_NOTES.get(source, ''))}"
+    if m.get("crf"):
+        text += "; refined with the two-label dense CRF"
+    if "mae" in m:
+        text += (f". Quality on the train split: MAE {m['mae']:.3f}, max F (&beta;&sup2; = 0.3) {m['max_f']:.3f}, "
+                 f"foreground IoU {100 * m['fg_iou']:.1f} at threshold {m['threshold']:.2f}")
+    return text + ".</p>"
 
 
 _PAGE = """<!doctype html>
