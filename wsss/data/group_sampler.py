@@ -24,7 +24,7 @@ from torch.utils.data import Sampler
 
 from wsss.engine import dist
 
-__all__ = ["GroupBatchSampler", "draw_partners"]
+__all__ = ["AnchorSampler", "GroupBatchSampler", "draw_partners", "group_ids"]
 
 
 def draw_partners(labels: np.ndarray, anchor: int, count: int, rng: np.random.Generator, max_tries: int = 1000) -> list[int]:
@@ -52,6 +52,31 @@ def draw_partners(labels: np.ndarray, anchor: int, count: int, rng: np.random.Ge
     return partners
 
 
+class AnchorSampler(Sampler[int]):
+    """This rank's anchors: a seeded permutation per epoch, every world_size-th item (padded by wrap-around)."""
+
+    def __init__(self, size: int, seed: int = 0, shuffle: bool = True, rank: Optional[int] = None,
+                 world_size: Optional[int] = None):
+        self.size, self.seed, self.shuffle = int(size), int(seed), bool(shuffle)
+        self.rank = dist.rank() if rank is None else rank
+        self.world = dist.world_size() if world_size is None else world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Lightning calls this at every epoch start (it looks for `batch_sampler.sampler.set_epoch`)."""
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        m = self.size
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(m) if self.shuffle else np.arange(m)
+        total = len(self) * self.world
+        order = np.resize(order, total) if total > m else order  # wrap around: every rank has as many anchors
+        return iter(int(i) for i in order[self.rank :: self.world])
+
+    def __len__(self) -> int:
+        return math.ceil(self.size / self.world)
+
+
 class GroupBatchSampler(Sampler[list[int]]):
     """Batches of `batch_size` groups (anchor + group_size-1 partners), flattened; DDP-aware, seeded per epoch."""
 
@@ -64,24 +89,21 @@ class GroupBatchSampler(Sampler[list[int]]):
             raise ValueError(f"group_size must be >= 1, got {group_size}")
         self.labels = np.asarray(labels)
         self.group_size, self.batch_size = int(group_size), int(batch_size)
-        self.seed, self.shuffle, self.max_tries = int(seed), bool(shuffle), int(max_tries)
-        self.rank = dist.rank() if rank is None else rank
-        self.world = dist.world_size() if world_size is None else world_size
-        per_rank = math.ceil(len(self.labels) / self.world)
-        self.drop_last = per_rank > self.batch_size if drop_last is None else drop_last
-        self.epoch = 0
+        self.seed, self.max_tries = int(seed), int(max_tries)
+        self.sampler = AnchorSampler(len(self.labels), seed, shuffle, rank, world_size)
+        self.drop_last = len(self.sampler) > self.batch_size if drop_last is None else drop_last
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
 
     def set_epoch(self, epoch: int) -> None:
-        """Lightning calls this at every epoch start: a new permutation and new partners."""
-        self.epoch = int(epoch)
+        """A new permutation of anchors and new partners."""
+        self.sampler.set_epoch(epoch)
 
     def anchors(self) -> list[int]:
-        """This rank's anchors for the current epoch (padded by wrap-around so all ranks have as many)."""
-        m = len(self.labels)
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(m) if self.shuffle else np.arange(m)
-        total = math.ceil(m / self.world) * self.world
-        order = np.concatenate([order, order[: total - m]]) if total > m else order
-        return [int(i) for i in order[self.rank :: self.world]]
+        """This rank's anchors for the current epoch."""
+        return list(self.sampler)
 
     def group(self, anchor: int) -> list[int]:
         """[anchor, partners...]: depends only on (seed, epoch, anchor)."""
@@ -97,7 +119,7 @@ class GroupBatchSampler(Sampler[list[int]]):
             yield [i for a in chunk for i in self.group(a)]
 
     def __len__(self) -> int:
-        n = math.ceil(len(self.labels) / self.world)
+        n = len(self.sampler)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
 
