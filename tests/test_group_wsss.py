@@ -230,3 +230,32 @@ def test_shapes_group_recipe_runs_end_to_end(tmp_path):
     assert maps.shape[1:] == (32, 32) and len(classes) == maps.shape[0]
     assert stages["pseudo"]["metrics"]["method"] == "saliency_fusion"
     assert 0.0 <= stages["evaluate"]["metrics"]["miou"] <= 1.0
+
+
+@pytest.mark.slow
+def test_voc12mini_group_recipe_on_real_images(voc_mini: Path, tmp_path: Path):
+    """The CPU recipe on 4 real VOC images with stand-in saliency maps (the saliency stage's output in practice)."""
+    from PIL import Image
+
+    from wsss.cli import main
+    from wsss.config import load_recipe
+    from wsss.data import build_dataset
+
+    cfg = load_recipe("configs/voc12mini_group.yaml", [f"data.root={voc_mini}", "data.max_images=4"])
+    ds = build_dataset(cfg.data, cfg.data.train_split)
+    sal = tmp_path / "saliency"
+    sal.mkdir()
+    for sid in ds.ids:
+        h, w = ds.load_image(sid).shape[:2]
+        blob = np.zeros((h, w), np.uint8)
+        blob[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = 255
+        Image.fromarray(blob).save(sal / f"{sid}.png")
+    main(["run", "configs/voc12mini_group.yaml", f"run.root={tmp_path / 'runs'}", f"data.root={voc_mini}",
+          "data.max_images=4", f"data.saliency_dir={sal}", "cam.backbone.name=test_resnet", "cam.backbone.weights=none",
+          "seg.encoder.name=test_resnet", "seg.encoder.weights=none", "cam.epochs=2", "cam.group.size=64",
+          "cam.group.head_channels=8", "cam.group.accumulate_from_epoch=0", "seg.max_steps=2", "seg.batch_size=2",
+          "seg.crop_size=64", "trainer.num_workers=0", "trainer.threads=1", "report.samples=1"])
+    stages = json.loads((tmp_path / "runs" / "voc12mini_group" / "manifest.json").read_text())["stages"]
+    assert all(v["status"] == "done" for v in stages.values()) and stages["accumulated_cams"]["metrics"]["missing_maps"] == 0
+    assert stages["pseudo"]["metrics"]["method"] == "saliency_fusion"
+    assert len(list((tmp_path / "runs" / "voc12mini_group" / "pseudo").glob("*.png"))) == 4
