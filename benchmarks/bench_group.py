@@ -69,17 +69,20 @@ def run_row(name: str, out: Path) -> dict:
     return row
 
 
+def _pct(v: float | None, digits: int = 2) -> str:
+    return "-" if v is None else f"{100 * v:.{digits}f}"
+
+
 def table(out: Path) -> str:
     """Markdown table of the rows measured so far."""
     lines = ["| row | seed mIoU | pseudo mIoU (labelled %) | segmenter val mIoU | CAM s/epoch | CAM steps |",
              "|---|---|---|---|---|---|"]
-    pct = lambda v: "-" if v is None else f"{100 * v:.2f}"
     for name in ROWS:
         p = out / f"{name}.json"
         if p.is_file():
             r = json.loads(p.read_text())
-            lines.append(f"| {name} | {pct(r['seed_miou'])} | {pct(r['pseudo_miou'])} ({pct(r['labelled'])[:-1]}) | "
-                         f"{pct(r['seg_val_miou'])} | {r['cam_seconds_per_epoch']} | {r['cam_steps']} |")
+            lines.append(f"| {name} | {_pct(r['seed_miou'])} | {_pct(r['pseudo_miou'])} ({_pct(r['labelled'], 1)}) | "
+                         f"{_pct(r['seg_val_miou'])} | {r['cam_seconds_per_epoch']} | {r['cam_steps']} |")
     return "\n".join(lines)
 
 

@@ -146,7 +146,10 @@ def test_group_loss_uses_the_official_weights():
     out = {"logits0": torch.randn(1, 3, 4), "logitsT": torch.randn(1, 3, 4)}
     labels = torch.tensor([[1, 0, 1, 0]] * 3, dtype=torch.float32)
     loss, _ = group_loss(out, labels)
-    per = lambda logits: sum(F.multilabel_soft_margin_loss(logits[0, i : i + 1], labels[i : i + 1]) for i in range(3))
+
+    def per(logits: torch.Tensor) -> torch.Tensor:  # sum over the group's nodes
+        return sum(F.multilabel_soft_margin_loss(logits[0, i : i + 1], labels[i : i + 1]) for i in range(3))
+
     torch.testing.assert_close(loss, (0.4 * per(out["logits0"]) + per(out["logitsT"])) / 6)
 
 
@@ -259,3 +262,13 @@ def test_voc12mini_group_recipe_on_real_images(voc_mini: Path, tmp_path: Path):
     assert all(v["status"] == "done" for v in stages.values()) and stages["accumulated_cams"]["metrics"]["missing_maps"] == 0
     assert stages["pseudo"]["metrics"]["method"] == "saliency_fusion"
     assert len(list((tmp_path / "runs" / "voc12mini_group" / "pseudo").glob("*.png"))) == 4
+
+
+def test_bad_group_options_are_config_errors():
+    from wsss.cam.group_wsss import GroupWSSS
+    from wsss.config import CamConfig
+    from wsss.errors import ConfigError
+
+    for bad in (GroupOptions(node="pixels"), GroupOptions(group_size=0), GroupOptions(color_jitter=[0.3])):
+        with pytest.raises(ConfigError, match="cam.group"):
+            GroupWSSS(_backbone(), 4, CamConfig(), bad)

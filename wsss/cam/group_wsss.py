@@ -75,7 +75,7 @@ class GroupViews(Dataset):
         self.base, self.size, self.hflip = base, int(size), bool(hflip)
         ops: list[Any] = [A.Resize(self.size, self.size, interpolation=cv2.INTER_LINEAR)]
         if color_jitter and any(v > 0 for v in color_jitter):
-            b, c, s, h = (list(color_jitter) + [0.0] * 4)[:4]
+            b, c, s, h = color_jitter
             ops.append(A.ColorJitter(brightness=b, contrast=c, saturation=s, hue=h, p=1.0))
         self.augment = A.Compose(ops, seed=None)
 
@@ -118,8 +118,10 @@ class GroupWSSS(CamMethod):
                                     ("accumulate_nodes", o.accumulate_nodes, ("anchor", "all"))):
             if value not in allowed:
                 raise ConfigError(f"cam.group.{key}: {value!r} is not one of {', '.join(allowed)}")
-        if o.group_size < 1 or o.steps < 0:
-            raise ConfigError(f"cam.group: group_size ({o.group_size}) must be >= 1 and steps ({o.steps}) >= 0")
+        if o.group_size < 1 or o.steps < 0 or o.size < 1:
+            raise ConfigError(f"cam.group: group_size ({o.group_size}) and size ({o.size}) must be >= 1, steps ({o.steps}) >= 0")
+        if len(o.color_jitter) not in (0, 4):
+            raise ConfigError(f"cam.group.color_jitter: [brightness, contrast, saturation, hue] or [], got {list(o.color_jitter)}")
         dropout = GraphDropout(o.drop_rate, o.drop_threshold, o.dropout_at_eval) if o.graph_dropout else None
         self.group_options = o
         self._mined: Optional[dict[str, Any]] = None

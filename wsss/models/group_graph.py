@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from wsss.models.backbones import create_backbone, set_bn_eval
