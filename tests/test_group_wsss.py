@@ -272,3 +272,16 @@ def test_bad_group_options_are_config_errors():
     for bad in (GroupOptions(node="pixels"), GroupOptions(group_size=0), GroupOptions(color_jitter=[0.3])):
         with pytest.raises(ConfigError, match="cam.group"):
             GroupWSSS(_backbone(), 4, CamConfig(), bad)
+
+
+def test_pseudo_masks_depend_on_the_accumulated_maps(tmp_path):
+    """With accumulated_cams in place of cam, a change of the CAM training makes the pseudo masks stale."""
+    from wsss.config import load_recipe
+    from wsss.engine.rundir import RunDir
+
+    def pseudo_hash(*extra: str) -> str:
+        return RunDir(load_recipe("configs/shapes_group.yaml", [f"run.root={tmp_path}", *extra])).stage_hash("pseudo")
+
+    assert pseudo_hash() == pseudo_hash()
+    assert pseudo_hash("cam.group.steps=1") != pseudo_hash()
+    assert pseudo_hash("run.stages=[train_cam, cam, pseudo]") != pseudo_hash()
