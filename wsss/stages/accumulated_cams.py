@@ -5,12 +5,15 @@ their maps over the training epochs in `cam/accumulated/<id>.npz` (wsss/cam/accu
 stage resizes them to the image size (bilinear, like the official `vis.py`) and writes the ordinary
 CAM files the later stages read, so it replaces the stage `cam` in `run.stages`. A labelled class with
 no accumulated map gets an all-zero map (counted in the metrics as `missing_maps`). Resumes from the
-first missing file and shards the ids under torchrun.
+first missing file of its own interrupted run (a `cams/` written by the stage `cam` is moved to
+`cams.old` first) and shards the ids under torchrun.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 
 import cv2
 import numpy as np
@@ -49,6 +52,7 @@ def run(rd: RunDir) -> dict:
         log.info("accumulated_cams: done for this config, skipping (--force to rerun)")
         return rd.metrics(STAGE)
     rd.reset_outputs_if_stale(STAGE, [out])
+    _set_aside_other_writers(rd, out)
     with rd.running(STAGE) as metrics:
         if cam_split(cfg) != cfg.data.train_split:
             raise ConfigError(f"cam_infer.split={cam_split(cfg)}: maps are accumulated on the training split "
@@ -72,6 +76,19 @@ def run(rd: RunDir) -> dict:
                         "training was probably cut short (cam.max_steps) before every image was an anchor", missing)
         metrics.update(images=len(ds), computed=int(dist.all_sum(len(todo))), missing_maps=missing)
     return metrics
+
+
+def _set_aside_other_writers(rd: RunDir, out) -> None:
+    """cams/ left by another stage (cam) is not ours to resume from: move it to cams.old (one generation kept)."""
+    info = rd.stage_info(STAGE)
+    resuming = info.get("config_hash") == rd.stage_hash(STAGE) and info.get("status") in ("running", "interrupted", "failed")
+    if dist.is_main() and out.exists() and not resuming:
+        old = out.with_name(out.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(out, old)
+        log.info("accumulated_cams: %s was written by another stage, moved to %s", out, old)
+    dist.barrier()
 
 
 if __name__ == "__main__":
