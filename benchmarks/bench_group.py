@@ -49,9 +49,9 @@ ROWS: dict[str, tuple[str, str, list[str]]] = {
 }
 
 
-# rows that first force one stage: cams/ of group_T3 were written by accumulated_cams, and the stage cam
-# would otherwise resume from those files (two stages share the output cams/)
-FORCE_FIRST = {"group_T3_msinfer": "cam"}
+# rows that rerun stages with --force first: they share group_T3's run directory (its trained network),
+# whose cams/ were written by accumulated_cams; the stage cam would otherwise resume from those files
+FORCE_FIRST = {"group_T3_msinfer": ("cam", "pseudo", "train-seg", "evaluate")}
 
 
 def run_row(name: str, out: Path) -> dict:
@@ -59,9 +59,8 @@ def run_row(name: str, out: Path) -> dict:
     recipe, run_name, extra = ROWS[name]
     args = [recipe, f"run.root={out / 'runs'}", f"run.name={run_name}", f"data.root={out / 'shapes'}", *BUDGET, *extra]
     start = time.time()
-    if name in FORCE_FIRST:
-        subprocess.run([sys.executable, "-m", "wsss", FORCE_FIRST[name], *args, "--force"], check=True,
-                       stdout=subprocess.DEVNULL)
+    for command in FORCE_FIRST.get(name, ()):
+        subprocess.run([sys.executable, "-m", "wsss", command, *args, "--force"], check=True, stdout=subprocess.DEVNULL)
     cmd = [sys.executable, "-m", "wsss", "run", *args]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     stages = json.loads((out / "runs" / run_name / "manifest.json").read_text())["stages"]
