@@ -84,6 +84,12 @@ def _seg_upstream(cfg: Any) -> tuple[str, ...]:
     return ("pseudo",) if cfg.seg.labels == "pseudo" else ()
 
 
+def _cams_upstream(cfg: Any) -> tuple[str, ...]:
+    # whichever stages of this run write cams/ (cam, or accumulated_cams for methods that accumulate maps),
+    # and the run's saliency maps (generators may read them)
+    return tuple(s for s in cfg.run.stages if s in STAGES and {"cams", "saliency"} & set(STAGES.get(s).outputs))
+
+
 def _cyclic_model(cfg: Any) -> Optional[str]:
     return f"seg_r{cfg.cyclic.rounds}" if cfg.cyclic.rounds > 0 else None
 
@@ -97,8 +103,12 @@ for _stage in (
     Stage("cam", "wsss.stages.cam", "multi-scale + flip CAM inference, one cams/<id>.npz per image",
           reads=("cam_infer", "data.dataset", "data.root", "data.train_split", "data.max_images"), after=("train_cam",),
           outputs=("cams",), default=True),
+    Stage("accumulated_cams", "wsss.stages.accumulated_cams",
+          "cams/<id>.npz from the maps a CAM method accumulated during training (cam.method=group); replaces cam",
+          reads=("data.dataset", "data.root", "data.train_split", "data.max_images", "cam_infer.split"),
+          after=("train_cam",), outputs=("cams",)),
     Stage("pseudo", "wsss.stages.pseudo", "pseudo masks from CAMs (pseudo.method) and their quality",
-          reads=("pseudo",), after=("cam",), outputs=("pseudo",), default=True),
+          reads=("pseudo",), after=_cams_upstream, outputs=("pseudo",), default=True),
     Stage("train_seg", "wsss.stages.train_seg", "train the segmenter (seg.method) on pseudo masks, GT or scribbles",
           reads=("seg", "data", "trainer.seed"), after=_seg_upstream, outputs=("seg",), default=True,
           model=lambda cfg: "seg"),

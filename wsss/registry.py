@@ -95,6 +95,8 @@ BUILTINS = (
     "wsss.losses",
     "wsss.cam.methods",
     "wsss.engine.modules",
+    "wsss.cam.group_wsss",
+    "wsss.pseudo.saliency_fusion",
 )
 
 

@@ -23,7 +23,7 @@ from wsss.io.images import write_index_png
 from wsss.config import options, plain
 from wsss.pseudo import PseudoGenerator, build_generator
 from wsss.pseudo.quality import best_threshold, cam_threshold_sweep, mask_quality, sweep_table
-from wsss.stages.common import cam_split, split_dataset, stage_main
+from wsss.stages.common import cam_split, split_dataset, stage_main, with_run_saliency
 
 log = logging.getLogger("wsss")
 STAGE = "pseudo"
@@ -58,7 +58,7 @@ def run(rd: RunDir) -> dict:
     rd.reset_outputs_if_stale(STAGE, [out])
     with rd.running(STAGE) as metrics:
         out.mkdir(parents=True, exist_ok=True)
-        ds = split_dataset(cfg, cam_split(cfg))
+        ds = with_run_saliency(rd, split_dataset(cfg, cam_split(cfg)))
         sweep = None
         quality_ids = ds.ids
         if cfg.pseudo.quality_split:
