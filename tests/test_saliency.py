@@ -224,14 +224,14 @@ def test_downstream_reads_the_runs_maps(tmp_path):
     run = _run(tmp_path, "down", "saliency.crf=true")  # CRF: the run's maps differ from the data set's
     rd = open_run("configs/shapes_cam.yaml", [f"run.root={tmp_path / 'runs'}", f"data.root={tmp_path / 'data'}",
                                               "run.name=down", *TINY, "saliency.crf=true"])
-    ds = split_dataset(rd.cfg, "train")
-    wrapped = with_run_saliency(rd, ds)
-    sid = ds.ids[0]
-    assert wrapped.saliency_file(sid) == run / "saliency" / f"{sid}.png"
+    own = split_dataset(rd.cfg, "train")  # the data set's own maps
+    wrapped = with_run_saliency(rd, split_dataset(rd.cfg, "train"))
+    sid = own.ids[0]
+    assert wrapped.saliency_file(sid) == run / "saliency" / f"{sid}.png" and wrapped.saliency_source == "dataset"
     sample = wrapped.load(sid, ("image", "labels", "saliency"))
     np.testing.assert_array_equal(sample["saliency"], read_saliency(run / "saliency" / f"{sid}.png"))
-    assert not np.array_equal(sample["saliency"], ds.load_saliency(sid))
-    assert wrapped.num_classes == ds.num_classes and wrapped.has_masks
+    assert not np.array_equal(sample["saliency"], own.load_saliency(sid))
+    assert wrapped.num_classes == own.num_classes and wrapped.has_masks and wrapped.has_saliency
 
 
 def test_eval_saliency_command(tmp_path, capsys):
