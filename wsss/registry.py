@@ -94,7 +94,9 @@ BUILTINS = (
     "wsss.pseudo",
     "wsss.losses",
     "wsss.cam.methods",
+    "wsss.cam.cpn",
     "wsss.engine.modules",
+    "wsss.engine.aalr",
 )
 
 
