@@ -131,6 +131,18 @@ def test_prcm_matches_official_reshape_and_the_paper_transpose():
     assert spatial_gather(f, d).shape == (1, 4, 3)
 
 
+def test_bad_options_are_config_errors():
+    from wsss.cam.cpn import CPN, CPNOptions
+    from wsss.config import BackboneConfig, TrainConfig
+    from wsss.engine.aalr import AALROptions, _check
+    from wsss.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="prcm_keys"):
+        CPN(BackboneConfig(name="test_resnet"), 3, TrainConfig(), CPNOptions(prcm_keys="paper"))
+    with pytest.raises(ConfigError, match="ignore_band"):
+        _check(AALROptions(ignore_band=[0.5, 0.1]))
+
+
 # ---- CPN losses ----------------------------------------------------------------------------------
 
 def test_max_onehot_over_all_channels():

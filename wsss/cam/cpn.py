@@ -75,6 +75,12 @@ class CPN(Seam):
             raise ValueError("cpn: the batch has no cp_mask; build the loader with CPN.train_loader")
         return cpn_loss(self.net, x, batch["labels"], batch.get("cp_mask"), batch.get("cp_kept"), o)
 
+    def cams(self, x: torch.Tensor, output: str = "cam_rv") -> torch.Tensor:
+        """Normalised images (N, 3, H, W) -> foreground maps (N, C - 1, h, w): "cam_rv" (refined) or raw "cam"."""
+        if output not in ("cam", "cam_rv"):
+            raise ConfigError(f"cam_infer.output: {output!r} is not an output of cam.method=cpn (it has: cam, cam_rv)")
+        return self.net.infer_cams(x, output)
+
     @classmethod
     def train_loader(cls, dataset: Dataset, batch_size: int, num_workers: int, seed: int,
                      options: Any = None) -> DataLoader:
