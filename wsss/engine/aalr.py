@@ -42,7 +42,8 @@ class AALROptions:
     cls_weight: float = 1.0
     seg_weight: float = 1.0  # CE on the pseudo masks (and the AA / LR terms below) after warm-up
     aa_weight: float = 1.0  # adaptive affinity loss (0 = off)
-    aa_dilations: list[int] = field(default_factory=lambda: [1, 2, 4])  # neighbour offsets, in pixels
+    aa_dilations: list[int] = field(default_factory=lambda: [1, 2, 4])  # neighbour offsets, in (downsampled) pixels
+    aa_downsample: int = 1  # compute AA on every k-th pixel's grid (decoders predict at 1/4: k = 4 saves memory)
     lr_weight: float = 1.0  # label reassign loss (0 = off: no reassignment either)
     lr_margin: float = 0.1  # reassign when another prototype's cosine beats the label's by this much
     lr_temperature: float = 0.1  # temperature of the prototype cross entropy
@@ -100,7 +101,10 @@ class AALR(SegMethod):
         seg = seg + ce
         parts["ce"] = ce.detach()
         if o.aa_weight > 0:
-            aa = adaptive_affinity_loss(logits.softmax(1), pseudo, o.aa_dilations)
+            k = max(1, o.aa_downsample)
+            small = logits if k == 1 else F.interpolate(logits, scale_factor=1 / k, mode="bilinear", align_corners=False)
+            aa = adaptive_affinity_loss(small.softmax(1), pseudo[:, ::k, ::k][:, : small.shape[2], : small.shape[3]],
+                                        o.aa_dilations)
             seg = seg + o.aa_weight * aa
             parts["aa"] = aa.detach()
         parts["labelled"] = (pseudo != IGNORE).float().mean()
