@@ -16,7 +16,11 @@ the pseudo-mask mIoU at the recipe's fixed threshold, both on train; segmenter r
 Times: the stages' seconds from each run's manifest (one AA&LR training run vs the baseline's
 train_cam + cam + pseudo + train_seg). Rerunning resumes and skips finished work.
 
-    python benchmarks/bench_cpn_aalr.py --threads 1 --set data.shapes.num_train=100 data.shapes.num_val=50
+    python benchmarks/bench_cpn_aalr.py --threads 1                      # every row at the recipes' budget
+    python benchmarks/bench_cpn_aalr.py --rows cpn_prcm --set cam.epochs=6 # one row, a smaller budget
+
+The recorded runs (docs/benchmarks.md §9) use a smaller set and budget; rows may run as separate
+processes into one --root (different rows never share a run directory).
 """
 
 from __future__ import annotations
@@ -78,7 +82,8 @@ def main() -> None:
         seconds = {s: v.get("seconds") for s, v in st.items() if v.get("status") == "done"}
         results[name] = {"label": label, "seed_miou": pseudo.get("cam_seed_miou"),
                          "seed_threshold": pseudo.get("cam_seed_best_threshold"), "pseudo_miou": pseudo.get("pseudo_miou"),
-                         "val_miou": ev.get("miou"), "seconds": seconds}
+                         "val_miou": ev.get("miou"), "seconds": seconds,
+                         "steps": {s: v.get("metrics", {}).get("steps") for s, v in st.items() if s.startswith("train")}}
         print(json.dumps({name: results[name]}), flush=True)
     print(f"\nshapes, overrides: {' '.join(common)}")
     print("| row | CAM seed mIoU (train, best bg thr) | pseudo-mask mIoU (train) | segmenter mIoU (val) | training seconds |")
@@ -88,17 +93,19 @@ def main() -> None:
         train = sum(s.get(k) or 0 for k in ("train_cam", "cam", "pseudo", "train_seg"))
         thr = f" ({r['seed_threshold']:.2f})" if r["seed_threshold"] is not None else ""
         print(f"| {r['label']} | {pct(r['seed_miou'])}{thr} | {pct(r['pseudo_miou'])} | {pct(r['val_miou'])} | {train:.0f} |")
-    if "baseline" in results and any(n.startswith("aalr") for n in results):
-        s = results["baseline"]["seconds"]
+    out = a.root / "results.json"
+    old = json.loads(out.read_text()) if out.is_file() else {}
+    base = results.get("baseline") or old.get("baseline")  # from this invocation or an earlier one (same root)
+    if base and any(n.startswith("aalr") for n in results):
+        s = base["seconds"]
         total = sum(s.get(k) or 0 for k in ("train_cam", "cam", "pseudo", "train_seg"))
         print(f"\nmulti-stage baseline: train_cam {s.get('train_cam')} s + cam {s.get('cam')} s + pseudo {s.get('pseudo')} s"
-              f" + train_seg {s.get('train_seg')} s = {total:.0f} s")
+              f" + train_seg {s.get('train_seg')} s = {total:.0f} s (optimiser steps: {base.get('steps')})")
         for n in ("aalr_cls", "aalr_aa", "aalr_lr"):
             if n in results:
-                print(f"{n}: one training run {results[n]['seconds'].get('train_seg')} s")
-    out = a.root / "results.json"
+                print(f"{n}: one training run {results[n]['seconds'].get('train_seg')} s "
+                      f"(+ evaluate {results[n]['seconds'].get('evaluate')} s; steps: {results[n]['steps']})")
     out.parent.mkdir(parents=True, exist_ok=True)
-    old = json.loads(out.read_text()) if out.is_file() else {}
     old.update(results)
     out.write_text(json.dumps(old, indent=1))
 
