@@ -7,6 +7,7 @@ Rows (same data, seed, backbone, schedule and pseudo-mask threshold; only the na
                       network and inference as CPN, trained on the crop alone
   cpn_pair            + complementary pair (triplet losses L_tcp, L_cpcr), PCM-refined map (cam_rv)
   cpn_prcm            + PRCM (the full recipe)
+  cpn_*_cam           the networks of cpn_pair / cpn_prcm read out as raw CAMs (no retraining)
   aalr_cls            configs/shapes_aalr.yaml with aa_weight=0, lr_weight=0: CE on the classification
                       branch's pseudo masks only
   aalr_aa             + adaptive affinity loss
@@ -43,6 +44,11 @@ ROWS: list[tuple[str, str, str, list[str], str]] = [
      ["cam.cpn.pair=false", "cam.cpn.prcm=false", "cam_infer.output=cam"], CAM_STAGES),
     ("cpn_pair", "+ complementary pair (PCM map)", "shapes_cpn", ["cam.cpn.pair=true", "cam.cpn.prcm=false"], CAM_STAGES),
     ("cpn_prcm", "+ PRCM (full CPN)", "shapes_cpn", ["cam.cpn.pair=true", "cam.cpn.prcm=true"], CAM_STAGES),
+    # the same trained networks read out as raw CAMs (cam/ linked from the row above; cam + pseudo only)
+    ("cpn_pair_cam", "+ complementary pair, raw CAM", "shapes_cpn",
+     ["cam.cpn.pair=true", "cam.cpn.prcm=false", "cam_infer.output=cam"], "[cam, pseudo]"),
+    ("cpn_prcm_cam", "+ PRCM, raw CAM", "shapes_cpn", ["cam.cpn.pair=true", "cam.cpn.prcm=true", "cam_infer.output=cam"],
+     "[cam, pseudo]"),
     ("aalr_cls", "AA&LR: classification-branch pseudo masks, CE only", "shapes_aalr",
      ["seg.aalr.aa_weight=0", "seg.aalr.lr_weight=0"], SEG_STAGES),
     ("aalr_aa", "+ AA loss", "shapes_aalr", ["seg.aalr.aa_weight=1", "seg.aalr.lr_weight=0"], SEG_STAGES),
@@ -50,8 +56,16 @@ ROWS: list[tuple[str, str, str, list[str], str]] = [
 ]
 
 
+LINKS = {"cpn_pair_cam": "cpn_pair", "cpn_prcm_cam": "cpn_prcm"}  # row -> row whose trained cam/ it reads
+
+
 def run_row(root: Path, name: str, recipe: str, overrides: list[str], stages: str, common: list[str]) -> dict:
     """Run one row (resuming) as its own process and return its manifest's stages."""
+    if name in LINKS:
+        link = root / name / "cam"
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.is_symlink():
+            link.symlink_to(root / LINKS[name] / "cam", target_is_directory=True)
     cmd = [sys.executable, "-m", "wsss", "run", str(REPO / "configs" / f"{recipe}.yaml"), f"run.root={root}",
            f"run.name={name}", f"run.stages={stages}", f"data.root={root / 'data'}", *common, *overrides]
     print("$", " ".join(cmd[1:]), flush=True)
