@@ -20,7 +20,7 @@ train_cam + cam + pseudo + train_seg). Rerunning resumes and skips finished work
     python benchmarks/bench_cpn_aalr.py --threads 1                      # every row at the recipes' budget
     python benchmarks/bench_cpn_aalr.py --rows cpn_prcm --set cam.epochs=6 # one row, a smaller budget
 
-The recorded runs (docs/benchmarks.md §9) use a smaller set and budget; rows may run as separate
+The recorded runs (docs/benchmarks.md, "CPN and AA&LR") use a smaller set and budget; rows may run as separate
 processes into one --root (different rows never share a run directory).
 """
 
