@@ -173,7 +173,7 @@ class SegConfig(TrainConfig):
     arch_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to smp (e.g. decoder_atrous_rates)
     encoder: BackboneConfig = field(default_factory=BackboneConfig)
     aux_weight: float = 0.0  # > 0: an FCN auxiliary head on the encoder's second-to-last stage
-    labels: str = "pseudo"  # pseudo | gt | scribble: what the segmenter is trained on
+    labels: str = "pseudo"  # pseudo | gt | scribble | image (image-level labels only: single-stage methods)
     loss: LossConfig = field(default_factory=LossConfig)
     val_every: int = 0  # > 0: log val mIoU every N epochs (monitoring only; never used to pick a model)
 
@@ -277,7 +277,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "cam_infer.mode": ("multiscale", "multicrop"),
     "cam_infer.engine": ("torch", "onnxruntime"),
     "cam_infer.output": ("cam", "cam_rv"),
-    "seg.labels": ("pseudo", "gt", "scribble"),
+    "seg.labels": ("pseudo", "gt", "scribble", "image"),
     "seg.loss.puf.type": ("clamp", "pow", "ignore"),
     "eval.absent": ("union", "gt"),
     "cyclic.selection": ("last", "best_val_uses_gt"),

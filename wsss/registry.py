@@ -94,9 +94,11 @@ BUILTINS = (
     "wsss.pseudo",
     "wsss.losses",
     "wsss.cam.methods",
+    "wsss.cam.cpn",
     "wsss.engine.modules",
     "wsss.cam.group_wsss",
     "wsss.pseudo.saliency_fusion",
+    "wsss.engine.aalr",
 )
 
 

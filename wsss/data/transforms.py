@@ -87,7 +87,8 @@ class ClassificationSet(Dataset):
 
 
 class SegmentationSet(Dataset):
-    """Segmentation training samples with a target from GT masks, pseudo masks or scribbles.
+    """Segmentation training samples with a target from GT masks, pseudo masks or scribbles
+    (source "image": no pixel labels, target all 255, for single-stage methods that learn from `labels`).
 
     Returns image (3, S, S) 0..255, target (S, S) int64 with 255 = ignore, roi (S, S) bool
     (False on padding: the regularised losses must not see it) and labels (K,).
@@ -108,6 +109,8 @@ class SegmentationSet(Dataset):
 
     def target(self, sample_id: str, hw: tuple[int, int]) -> np.ndarray:
         """The training target of one image, (H, W) uint8."""
+        if self.source == "image":
+            return np.full(hw, IGNORE, np.uint8)
         if self.source == "gt":
             return self.base.load_mask(sample_id, hw)
         if self.source == "scribble":
