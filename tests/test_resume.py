@@ -52,8 +52,9 @@ def _start(args: list[str], log: Path, slow: float) -> subprocess.Popen:
                             stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
-def _stop_when(proc: subprocess.Popen, ready, sig: int, log: Path, timeout: float = 600) -> None:
-    """Send `sig` as soon as `ready()` holds; fail if the process ends first."""
+def _stop_when(proc: subprocess.Popen, ready, sig: int, log: Path, timeout: float = 600, wait: float = 120) -> None:
+    """Send `sig` as soon as `ready()` holds; fail if the process ends first, or is still running `wait` s later
+    (with the end of its log: a training run that went on would show more steps)."""
     deadline = time.time() + timeout
     while not ready():
         if proc.poll() is not None:
@@ -64,7 +65,13 @@ def _stop_when(proc: subprocess.Popen, ready, sig: int, log: Path, timeout: floa
             raise AssertionError(f"no progress in {timeout} s [seed {SEED}]:\n" + log.read_text()[-3000:])
         time.sleep(0.02)
     proc.send_signal(sig)
-    proc.wait(timeout=120)
+    try:
+        proc.wait(timeout=wait)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise AssertionError(f"still running {wait} s after signal {sig} [seed {SEED}]:\n"
+                             + log.read_text().replace("\r", "\n")[-3000:]) from None
 
 
 def _manifest(run: Path) -> dict:
@@ -153,7 +160,8 @@ def test_ctrl_c_stops_training_cleanly_and_says_how_to_resume(tmp_path):
     run, log = tmp_path / "runs" / "c", tmp_path / "ctrl_c.log"
     args = _args(tmp_path, "train-cam", "c", f"cam.max_steps={CTRL_C_STEPS}", "trainer.checkpoint_every_steps=1")
     proc = _start(args, log, slow=0.05)  # slowed renames: the signal often lands mid-write (no .tmp-* may be left)
-    _stop_when(proc, (run / "cam" / "checkpoints" / "last.ckpt").is_file, signal.SIGINT, log)
+    # Lightning's shutdown took 13 s beside a load of 28 (nice 10); one run of three waited over 120 s
+    _stop_when(proc, (run / "cam" / "checkpoints" / "last.ckpt").is_file, signal.SIGINT, log, wait=600)
     text = log.read_text()
     assert proc.returncode == 130, text[-3000:]
     assert "interrupted: finished work is kept; rerun the same command to resume" in text
