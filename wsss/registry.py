@@ -95,6 +95,8 @@ BUILTINS = (
     "wsss.losses",
     "wsss.cam.methods",
     "wsss.engine.modules",
+    "wsss.pseudo.auxsegnet",
+    "wsss.engine.auxsegnet",
 )
 
 
