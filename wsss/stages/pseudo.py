@@ -18,6 +18,7 @@ from tqdm import tqdm
 from wsss.cam.store import read_cams
 from wsss.engine import dist
 from wsss.engine.rundir import RunDir
+from wsss.errors import DataError
 from wsss.io import atomic
 from wsss.io.images import write_index_png
 from wsss.config import options, plain
@@ -79,6 +80,9 @@ def run(rd: RunDir) -> dict:
             bg = _broadcast(bg)
             log.info("pseudo: bg_threshold_auto picked %.2f using ground truth", bg)
         generator = build_generator(cfg.pseudo.method, plain(cfg.pseudo), options(cfg, "pseudo", cfg.pseudo.method), bg)
+        if "saliency" in generator.needs and not ds.has_saliency:
+            raise DataError(None, f"pseudo.method={cfg.pseudo.method} needs saliency maps and data set "
+                                  f"{cfg.data.dataset} has none: set data.saliency_dir")
         todo = [sid for sid in dist.shard(ds.ids) if not (out / f"{sid}.png").exists()]
         workers = cfg.trainer.num_workers if cfg.trainer.accelerator == "cpu" or not torch.cuda.is_available() else 0
         loader = torch.utils.data.DataLoader(_PseudoJob(ds, todo, cams_dir, out, generator),
