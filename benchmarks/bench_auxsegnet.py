@@ -13,6 +13,7 @@ update), val mIoU of each round's network (single scale, no CRF), seconds.
 
     python benchmarks/bench_auxsegnet.py --threads 1                 # the documented budget
     python benchmarks/bench_auxsegnet.py --set data.shapes.num_train=40 --rounds 1   # quick look
+    python benchmarks/bench_auxsegnet.py --memory    # peak memory of the affinity part at the recipes' crops
 
 Rerunning resumes and skips finished work (the stage contract). Results: <root>/results.json.
 """
@@ -80,6 +81,39 @@ def val_miou(recipe: Path, overrides: list[str], model_dir: Path) -> float:
     return cm.compute(ds.class_names).miou
 
 
+# recipe, feature size (crop / output stride), batch
+MEMORY_CASES = [("shapes_auxsegnet (crop 96, OS 8)", 12, 12, 16), ("voc12mini_auxsegnet (crop 320, OS 16)", 20, 20, 8),
+                ("voc12_auxsegnet / coco14 (crop 321, OS 8)", 41, 41, 4)]
+
+
+def affinity_memory(h: int, w: int, batch: int, channels: int = 128) -> tuple[float, float]:
+    """(peak MB, MB of one affinity map) of one training step of the affinity part alone (two task
+    affinities, feature refinement, cross-task fusion, refined predictions, backward), in a fresh process."""
+    import subprocess
+
+    code = f"""
+import resource, torch
+torch.set_num_threads(1)
+from wsss.models.auxsegnet import CrossTaskFusion, TaskAffinity, propagate
+def rss():
+    return int(open('/proc/self/status').read().split('VmRSS:')[1].split()[0]) / 1024
+seg, sal, fusion = TaskAffinity({channels}), TaskAffinity({channels}), CrossTaskFusion()
+fs = torch.randn({batch}, {channels}, {h}, {w}, requires_grad=True)
+fa = torch.randn({batch}, {channels}, {h}, {w}, requires_grad=True)
+init = torch.randn({batch}, 21, {h}, {w}, requires_grad=True)
+before = rss()
+a_seg, a_sal = seg(fs), sal(fa)
+refined_feats = propagate(a_seg, fs) + propagate(a_sal, fa)
+out = propagate(fusion(a_seg, a_sal), init)
+(out.square().mean() + refined_feats.mean()).backward()
+peak = int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) / 1024
+print(peak - before)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    return float(out.stdout.strip().splitlines()[-1]), batch * (h * w) ** 2 * 4 / 2**20
+
+
 def manifest(root: Path, name: str) -> dict[str, Any]:
     return json.loads((root / name / "manifest.json").read_text())["stages"]
 
@@ -90,7 +124,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the full row")
     parser.add_argument("--set", nargs="*", default=[], help="extra overrides for every row")
+    parser.add_argument("--memory", action="store_true", help="only measure the affinity part's peak memory")
     args = parser.parse_args()
+    if args.memory:
+        print("| recipe | features | batch | one hw x hw map (MB) | peak of a training step, affinity part (MB) |")
+        print("|---|---|---|---|---|")
+        for label, h, w, batch in MEMORY_CASES:
+            peak, one = affinity_memory(h, w, batch)
+            print(f"| {label} | {h} x {w} | {batch} | {one:.1f} | {peak:.0f} |", flush=True)
+        return
     root = Path(args.root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     common = [*BUDGET, f"data.root={root / 'data'}", f"trainer.threads={args.threads}", *args.set]

@@ -220,3 +220,16 @@ def test_auxsegnet_recipe_end_to_end_and_resume_by_round(tmp_path):
     assert "r2_train" in rounds and "r1_train" not in rounds  # only round 2 was trained again
     assert (run / "seg_r1" / "model.safetensors").stat().st_mtime_ns == r1
     assert len(list((run / "pseudo_r2").glob("*.png"))) == 12
+
+
+@pytest.mark.slow  # a CLI run (imports everything); seconds on an idle machine
+def test_missing_saliency_is_a_one_line_error(make_voc, tmp_path, capsys):
+    from wsss.cli import main
+
+    voc = make_voc()
+    with pytest.raises(SystemExit) as e:
+        main(["run", "configs/voc12mini_auxsegnet.yaml", f"run.root={tmp_path / 'runs'}", f"data.root={voc}",
+              "run.stages=[pseudo]"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "needs saliency maps" in err and "data.saliency_dir" in err and "Traceback" not in err

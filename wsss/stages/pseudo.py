@@ -60,6 +60,10 @@ def run(rd: RunDir) -> dict:
     with rd.running(STAGE) as metrics:
         out.mkdir(parents=True, exist_ok=True)
         ds = split_dataset(cfg, cam_split(cfg))
+        needs = build_generator(cfg.pseudo.method, plain(cfg.pseudo), options(cfg, "pseudo", cfg.pseudo.method)).needs
+        if "saliency" in needs and not ds.has_saliency:  # fail before any work, with one line
+            raise DataError(None, f"pseudo.method={cfg.pseudo.method} needs saliency maps and data set "
+                                  f"{cfg.data.dataset} has none: set data.saliency_dir")
         sweep = None
         quality_ids = ds.ids
         if cfg.pseudo.quality_split:
@@ -80,9 +84,6 @@ def run(rd: RunDir) -> dict:
             bg = _broadcast(bg)
             log.info("pseudo: bg_threshold_auto picked %.2f using ground truth", bg)
         generator = build_generator(cfg.pseudo.method, plain(cfg.pseudo), options(cfg, "pseudo", cfg.pseudo.method), bg)
-        if "saliency" in generator.needs and not ds.has_saliency:
-            raise DataError(None, f"pseudo.method={cfg.pseudo.method} needs saliency maps and data set "
-                                  f"{cfg.data.dataset} has none: set data.saliency_dir")
         todo = [sid for sid in dist.shard(ds.ids) if not (out / f"{sid}.png").exists()]
         workers = cfg.trainer.num_workers if cfg.trainer.accelerator == "cpu" or not torch.cuda.is_available() else 0
         loader = torch.utils.data.DataLoader(_PseudoJob(ds, todo, cams_dir, out, generator),
