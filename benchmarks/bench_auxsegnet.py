@@ -32,9 +32,9 @@ REPO = Path(__file__).resolve().parents[1]
 BASE_RECIPE = REPO / "configs" / "shapes_cam.yaml"
 AUX_RECIPE = REPO / "configs" / "shapes_auxsegnet.yaml"
 
-# the budget: small enough for a shared 2-core CPU (64 px images: 8 x 8 features, affinities 64 x 64)
-BUDGET = ["data.shapes.num_train=200", "data.shapes.num_val=60", "data.shapes.image_size=64",
-          "cam.epochs=10", "cam.crop_size=64", "seg.epochs=10", "seg.crop_size=64",
+# the budget: small enough for a shared 2-core CPU under load (48 px images: 6 x 6 features, 36 x 36 affinities)
+BUDGET = ["data.shapes.num_train=96", "data.shapes.num_val=32", "data.shapes.image_size=48",
+          "cam.epochs=8", "cam.crop_size=48", "seg.epochs=8", "seg.crop_size=48",
           "seg.auxsegnet.channels=64", "seg.auxsegnet.rates=[1,2,3]", "trainer.num_workers=0"]
 
 ROWS = [  # name, label, overrides, stages, links {entry: source row}
@@ -122,7 +122,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--root", default=str(REPO / "runs" / "bench_auxsegnet"))
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of the full row")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of the full row")
     parser.add_argument("--set", nargs="*", default=[], help="extra overrides for every row")
     parser.add_argument("--memory", action="store_true", help="only measure the affinity part's peak memory")
     args = parser.parse_args()

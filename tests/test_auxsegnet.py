@@ -233,3 +233,24 @@ def test_missing_saliency_is_a_one_line_error(make_voc, tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "needs saliency maps" in err and "data.saliency_dir" in err and "Traceback" not in err
+
+
+def test_coco_reads_saliency_maps(tmp_path):
+    from PIL import Image
+
+    from test_data_coco import make_coco  # tests/ is on sys.path (pytest prepend mode)
+    from wsss.data.coco import COCODataset
+    from wsss.errors import DataError
+
+    make_coco(tmp_path / "coco")
+    ds = COCODataset(tmp_path / "coco", "train", cache_dir=tmp_path / "cache")
+    assert not ds.has_saliency and ds.load_saliency(ds.ids[0]) is None
+    sal_dir = tmp_path / "coco" / "sal"
+    sal_dir.mkdir()
+    h, w = ds.load_image(ds.ids[0]).shape[:2]
+    for sid in ds.ids:
+        Image.fromarray(np.full((h, w), 255, np.uint8)).save(sal_dir / f"{sid}.png")
+    ds = COCODataset(tmp_path / "coco", "train", cache_dir=tmp_path / "cache", saliency_dir="sal")
+    assert ds.has_saliency and ds.load(ds.ids[0])["saliency"].min() == 1.0
+    with pytest.raises(DataError, match="data.saliency_dir"):
+        COCODataset(tmp_path / "coco", "train", cache_dir=tmp_path / "cache", saliency_dir="nowhere")
