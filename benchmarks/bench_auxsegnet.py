@@ -122,7 +122,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--root", default=str(REPO / "runs" / "bench_auxsegnet"))
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=2, help="rounds of the full row")
+    parser.add_argument("--rounds", type=int, default=4, help="rounds of the full row")
     parser.add_argument("--set", nargs="*", default=[], help="extra overrides for every row")
     parser.add_argument("--memory", action="store_true", help="only measure the affinity part's peak memory")
     args = parser.parse_args()

@@ -254,3 +254,20 @@ def test_coco_reads_saliency_maps(tmp_path):
     assert ds.has_saliency and ds.load(ds.ids[0])["saliency"].min() == 1.0
     with pytest.raises(DataError, match="data.saliency_dir"):
         COCODataset(tmp_path / "coco", "train", cache_dir=tmp_path / "cache", saliency_dir="nowhere")
+
+
+def test_inference_does_not_pad_the_image():
+    # padded positions would enter every non-local affinity; the refined head sees the image as it is
+    from wsss.config import BackboneConfig, SegConfig
+    from wsss.engine.auxsegnet import AuxSegNet, AuxSegNetOptions
+    from wsss.engine.inference import segment_probs
+
+    seg = SegConfig(encoder=BackboneConfig(name="test_resnet", output_stride=8, channels_last=False))
+    torch.manual_seed(0)
+    method = AuxSegNet(seg, 4, ["bg", "a", "b", "c"], None, AuxSegNetOptions(channels=8, rates=[1, 2, 3])).eval()
+    seen = []
+    logits = method.logits
+    method.logits = lambda x: seen.append(tuple(x.shape)) or logits(x)
+    probs = segment_probs(method, np.zeros((40, 36, 3), np.uint8), scales=(1.0,), flip=True)
+    assert seen == [(2, 3, 40, 36)] and probs.shape == (4, 40, 36)
+    assert torch.allclose(probs.sum(0), torch.ones(40, 36), atol=1e-5)

@@ -110,6 +110,10 @@ class AuxSegSet(Dataset):
 class AuxSegNet(SegMethod):
     """AuxSegNet: classification + saliency + segmentation with cross-task affinity; infers from the refined head."""
 
+    # Inference on the image as it is (official infer_AuxAff.py): padded positions would take part in
+    # every non-local affinity (a 48 px image padded to 64 is 44 % padding at OS 8). timm takes any size.
+    pad_multiple = 1
+
     def build_net(self, seg: Any, num_classes: int, options: Optional[AuxSegNetOptions]) -> nn.Module:
         from wsss.models.auxsegnet import AuxSegNetwork
 
