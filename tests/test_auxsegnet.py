@@ -4,7 +4,6 @@ code's outputs, the training data, and a tiny end-to-end run with resume by roun
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from types import SimpleNamespace
 
