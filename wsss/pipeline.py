@@ -80,8 +80,8 @@ def final_model_dir(rd: Any) -> Path:
 
 
 def _seg_upstream(cfg: Any) -> tuple[str, ...]:
-    # trained on GT masks or scribbles: no pseudo-mask stage involved
-    return ("pseudo",) if cfg.seg.labels == "pseudo" else ()
+    # trained on GT masks or scribbles: no pseudo-mask stage involved; a method may read the run's saliency
+    return ("pseudo", "saliency") if cfg.seg.labels == "pseudo" else ("saliency",)
 
 
 def _cams_upstream(cfg: Any) -> tuple[str, ...]:
@@ -114,6 +114,9 @@ for _stage in (
           model=lambda cfg: "seg"),
     Stage("cyclic", "wsss.stages.cyclic", "cyclic pseudo-mask rounds (PMM): predict train, retrain a fresh segmenter",
           reads=("cyclic", "seg"), after=("train_seg",), outputs=("pseudo_r*", "seg_r*"), model=_cyclic_model),
+    Stage("auxseg_rounds", "wsss.stages.auxseg_rounds", "AuxSegNet rounds: train, then update labels and saliency "
+          "with the cross-task affinity", reads=("seg", "pseudo", "data", "trainer.seed"), after=("pseudo", "saliency"),
+          outputs=("pseudo_r*", "seg_r*"), model=lambda cfg: f"seg_r{cfg.seg.auxsegnet.rounds}"),
     Stage("evaluate", "wsss.stages.evaluate", "score the segmenter on a split (or any --pred/--gt folders)",
           reads=("eval",), after=model_stages, outputs=("pred", "metrics/evaluate.json"), default=True),
     Stage("report", "wsss.stages.report", "write the run's HTML report (tables, CAMs, overlays, curves)",

@@ -99,6 +99,8 @@ BUILTINS = (
     "wsss.cam.group_wsss",
     "wsss.pseudo.saliency_fusion",
     "wsss.engine.aalr",
+    "wsss.pseudo.auxsegnet",
+    "wsss.engine.auxsegnet",
 )
 
 

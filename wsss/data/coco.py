@@ -44,9 +44,16 @@ class COCODataset(SegDataset):
 
     def __init__(self, root: str | Path, split: str = "train", *, cache_dir: str | Path | None = None,
                  prepare: int = -1, image_mode: str = "convert", max_pixels: int = images.DEFAULT_MAX_PIXELS,
-                 skip_bad: bool = False):
-        """`prepare`: masks to paint now for the first N ids (-1 = all, 0 = none; the rest are painted on demand)."""
+                 skip_bad: bool = False, saliency_dir: str | None = None):
+        """`prepare`: masks to paint now for the first N ids (-1 = all, 0 = none; the rest are painted on demand);
+        `saliency_dir`: optional grayscale <id>.png saliency maps (absolute or relative to root)."""
         self.root = Path(root).expanduser()
+        self.saliency_dir = None
+        if saliency_dir:
+            d = Path(saliency_dir).expanduser()
+            self.saliency_dir = d if d.is_absolute() else self.root / d
+            if not self.saliency_dir.is_dir():
+                raise DataError(self.saliency_dir, "directory set by data.saliency_dir not found")
         if split not in SPLITS:
             raise DataError(None, f"COCO split {split!r} is not one of {', '.join(SPLITS)}")
         self.split = SPLITS[split]
@@ -81,7 +88,8 @@ class COCODataset(SegDataset):
         """Build from a `data` config section; masks are painted now for the ids the run will use."""
         return cls(data_cfg.root, split, cache_dir=data_cfg.cache_dir or None,
                    prepare=data_cfg.max_images if data_cfg.max_images > 0 else -1,
-                   image_mode=data_cfg.image_mode, max_pixels=data_cfg.max_pixels, skip_bad=data_cfg.skip_bad)
+                   image_mode=data_cfg.image_mode, max_pixels=data_cfg.max_pixels, skip_bad=data_cfg.skip_bad,
+                   saliency_dir=data_cfg.saliency_dir or None)
 
     # ---- index: ids, sizes, labels (small; avoids reading the 0.5 GB JSON on every run) --------
     def _load_or_build_index(self) -> dict:
@@ -220,6 +228,9 @@ class COCODataset(SegDataset):
             log.debug("painting the missing COCO mask of %s", sample_id)
             self.build_masks([sample_id], progress=False)
         return path
+
+    def saliency_path(self, sample_id: str) -> Optional[Path]:
+        return None if self.saliency_dir is None else safe_join(self.saliency_dir, sample_id + ".png", self.ann_file)
 
     def _load_labels(self, sample_id: str) -> np.ndarray:
         return self._labels[sample_id]

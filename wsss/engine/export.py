@@ -59,3 +59,21 @@ def load_weights(net: torch.nn.Module, directory: Path, kind: str, class_names: 
     if classes:  # same shapes, other class names: the weights load but would mean other things
         raise CheckpointError(f"{path}: {classes}")
     return net
+
+
+def load_shared_weights(net: torch.nn.Module, directory: Path) -> int:
+    """Start `net` from `directory/model.safetensors` where names and shapes agree (a warm start from a
+    related network, e.g. the CAM network's backbone); returns how many tensors were loaded."""
+    path = directory / "model.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: weights to start from not found")
+    try:
+        state = load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise CheckpointError(f"{path}: unreadable weights file ({e})") from None
+    own = net.state_dict()
+    shared = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not shared:
+        raise CheckpointError(f"{path}: no tensor fits this network (another backbone?)")
+    net.load_state_dict(shared, strict=False)
+    return len(shared)

@@ -22,7 +22,9 @@ def segment_probs(module: Any, image: np.ndarray | torch.Tensor, scales: Sequenc
     """Softmax probabilities (C, H, W) of one (H, W, 3) uint8 image, averaged over scales and flips.
 
     `module` has `.net`, `.norm` (Normalizer) and `.logits(x)` (a segmentation method or a Predictor).
+    Inputs are zero-padded to a multiple of the method's `pad_multiple` (default PAD_MULTIPLE).
     """
+    multiple = getattr(getattr(module, "method", module), "pad_multiple", PAD_MULTIPLE)
     device = next(module.net.parameters()).device
     img = torch.tensor(np.asarray(image), device=device).permute(2, 0, 1)[None].float()
     x0 = module.norm(img)
@@ -32,7 +34,7 @@ def segment_probs(module: Any, image: np.ndarray | torch.Tensor, scales: Sequenc
         x = x0 if s == 1.0 else F.interpolate(x0, size=(max(8, round(h * s)), max(8, round(w * s))), mode="bilinear", align_corners=False)
         if flip:
             x = torch.cat([x, x.flip(-1)], 0)
-        xp, (hh, ww) = _pad(x)
+        xp, (hh, ww) = _pad(x, multiple)
         if getattr(module.net, "channels_last", False) or next(module.net.parameters()).is_contiguous(memory_format=torch.channels_last):
             xp = xp.contiguous(memory_format=torch.channels_last)
         logits = module.logits(xp)[..., :hh, :ww]

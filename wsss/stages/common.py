@@ -184,24 +184,28 @@ def stage_main(stage: str, run_fn: Callable[[RunDir], Any], description: str) ->
 
 
 def train_segmenter(rd: RunDir, out: Path, source: str, pseudo_dir: Optional[Path], pixel_loss: Optional[str] = None,
-                    keep_best_val: bool = False) -> dict:
+                    keep_best_val: bool = False, init: Optional[Path] = None) -> dict:
     """Train one segmentation method into `out` (train_seg and every cyclic round); returns its metrics.
 
     keep_best_val: validate every seg.val_every epochs (>= 1) and export the weights with the best val
-    mIoU (PMM's official model selection; it looks at val ground truth).
+    mIoU (PMM's official model selection; it looks at val ground truth). init: a model dir whose
+    weights start the network where names and shapes agree (AuxSegNet's warm starts); a resumed
+    checkpoint wins over it.
     """
     import lightning as L
     from torch.utils.data import DataLoader
 
     from wsss.data.transforms import InferenceSet, SegmentationSet, collate_list, train_augment
-    from wsss.engine.export import export_net, load_weights
+    from wsss.engine.export import export_net, load_shared_weights, load_weights
     from wsss.engine.trainer import KeepBestVal, build_trainer, configure_threads, fit
 
     cfg = rd.cfg
     configure_threads(cfg)
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
-    ds = split_dataset(cfg, cfg.data.train_split)
+    ds = with_run_saliency(rd, split_dataset(cfg, cfg.data.train_split))
     module = seg_method(cfg, ds.class_names, loss_spec(cfg, pixel_loss))
+    if init is not None:
+        log.info("%s: starting from %d tensors of %s", out.name, load_shared_weights(module.net, init), init)
     train_set = SegmentationSet(ds, source, train_augment(cfg.seg, with_masks=True, seed=cfg.trainer.seed), pseudo_dir)
     loader = module.train_loader(train_set, cfg.seg.batch_size, cfg.trainer.num_workers, cfg.trainer.seed, module.options)
     val_every = max(1, cfg.seg.val_every) if keep_best_val else cfg.seg.val_every

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from wsss.cam.store import read_cams
 from wsss.engine import dist
 from wsss.engine.rundir import RunDir
+from wsss.errors import DataError
 from wsss.io import atomic
 from wsss.io.images import write_index_png
 from wsss.config import options, plain
@@ -59,6 +60,10 @@ def run(rd: RunDir) -> dict:
     with rd.running(STAGE) as metrics:
         out.mkdir(parents=True, exist_ok=True)
         ds = with_run_saliency(rd, split_dataset(cfg, cam_split(cfg)))
+        needs = build_generator(cfg.pseudo.method, plain(cfg.pseudo), options(cfg, "pseudo", cfg.pseudo.method)).needs
+        if "saliency" in needs and not ds.has_saliency:  # fail before any work, with one line
+            raise DataError(None, f"pseudo.method={cfg.pseudo.method} needs saliency maps and data set "
+                                  f"{cfg.data.dataset} has none: add the saliency stage to run.stages or set data.saliency_dir")
         sweep = None
         quality_ids = ds.ids
         if cfg.pseudo.quality_split:

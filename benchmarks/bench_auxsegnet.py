@@ -1,0 +1,193 @@
+"""AuxSegNet on the synthetic set: what the auxiliary saliency task, the cross-task affinity and the
+label-update rounds do, next to the baseline pipeline at the same budget.
+
+Rows (the same CAM network and CAMs everywhere, computed once by the baseline run and linked):
+  baseline            configs/shapes_cam.yaml: threshold pseudo masks, DeepLabV3+ (from scratch), seg.epochs
+  segmentation only   AuxSegNet without the saliency branch and without refining predictions by an affinity
+  + saliency task     the saliency branch and its loss, predictions not refined
+  + cross-task aff.   the full network; seg.auxsegnet.rounds rounds (train -> update labels and saliency)
+Every AuxSegNet row trains seg.epochs per round on the initial labels (pseudo.method=auxsegnet: CAM +
+saliency fusion) starting from the CAM network, so round 1 of each row has the baseline segmenter's
+budget. Printed: pseudo-label mIoU on train (round 0 = initial labels; round k = after round k's
+update), val mIoU of each round's network (single scale, no CRF), seconds.
+
+    python benchmarks/bench_auxsegnet.py --threads 1                 # the documented budget
+    python benchmarks/bench_auxsegnet.py --set data.shapes.num_train=40 --rounds 1   # quick look
+    python benchmarks/bench_auxsegnet.py --memory    # peak memory of the affinity part at the recipes' crops
+
+Rerunning resumes and skips finished work (the stage contract). Results: <root>/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+BASE_RECIPE = REPO / "configs" / "shapes_cam.yaml"
+AUX_RECIPE = REPO / "configs" / "shapes_auxsegnet.yaml"
+
+# the budget: small enough for a shared 2-core CPU under load (48 px images: 6 x 6 features, 36 x 36 affinities)
+BUDGET = ["data.shapes.num_train=96", "data.shapes.num_val=32", "data.shapes.image_size=48",
+          "cam.epochs=8", "cam.crop_size=48", "seg.epochs=8", "seg.crop_size=48",
+          "seg.auxsegnet.channels=64", "seg.auxsegnet.rates=[1,2,3]", "trainer.num_workers=0"]
+
+ROWS = [  # name, label, overrides, stages, links {entry: source row}
+    ("seg_only", "segmentation only", ["seg.auxsegnet.saliency_task=false", "seg.auxsegnet.cross_affinity=false",
+                                        "seg.auxsegnet.rounds=1"], "[pseudo, auxseg_rounds, evaluate]",
+     {"cam": "baseline", "cams": "baseline"}),
+    ("plus_sal", "+ saliency task", ["seg.auxsegnet.cross_affinity=false", "seg.auxsegnet.rounds=1"],
+     "[auxseg_rounds, evaluate]", {"cam": "baseline", "cams": "baseline", "pseudo": "seg_only"}),
+    ("full", "+ cross-task affinity", [], "[auxseg_rounds, evaluate]",
+     {"cam": "baseline", "cams": "baseline", "pseudo": "seg_only"}),
+]
+
+
+def run_wsss(recipe: Path, name: str, overrides: list[str], root: Path, log: Path) -> float:
+    """`wsss run RECIPE run.name=NAME ...` in this process, output to `log`; returns seconds."""
+    from wsss.cli import main as wsss_main
+
+    argv = ["run", str(recipe), f"run.name={name}", f"run.root={root}", *overrides]
+    start = time.time()
+    with open(log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        print("$ wsss " + " ".join(argv), flush=True)
+        try:
+            wsss_main(argv)
+        except SystemExit as e:
+            if e.code:
+                raise RuntimeError(f"{name}: wsss exited with {e.code}; see {log}") from None
+    return time.time() - start
+
+
+def val_miou(recipe: Path, overrides: list[str], model_dir: Path) -> float:
+    """Single-scale val mIoU of one trained model (each round's network)."""
+    import torch
+
+    from wsss.config import load_recipe
+    from wsss.metrics import ConfusionMatrix
+    from wsss.stages.common import load_predictor, split_dataset
+
+    cfg = load_recipe(str(recipe), overrides)
+    ds = split_dataset(cfg, cfg.data.val_split)
+    predictor = load_predictor(cfg, model_dir, ds.class_names, torch.device("cpu"))
+    cm = ConfusionMatrix(ds.num_classes)
+    for sid in ds.ids:
+        cm.update(predictor.labels(ds.load_image(sid)), ds.load_mask(sid))
+    return cm.compute(ds.class_names).miou
+
+
+# recipe, feature size (crop / output stride), batch
+MEMORY_CASES = [("shapes_auxsegnet (crop 96, OS 8)", 12, 12, 16), ("voc12mini_auxsegnet (crop 320, OS 16)", 20, 20, 8),
+                ("voc12_auxsegnet / coco14 (crop 321, OS 8)", 41, 41, 4)]
+
+
+def affinity_memory(h: int, w: int, batch: int, channels: int = 128) -> tuple[float, float]:
+    """(peak MB, MB of one affinity map) of one training step of the affinity part alone (two task
+    affinities, feature refinement, cross-task fusion, refined predictions, backward), in a fresh process."""
+    import subprocess
+
+    code = f"""
+import resource, torch
+torch.set_num_threads(1)
+from wsss.models.auxsegnet import CrossTaskFusion, TaskAffinity, propagate
+def rss():
+    return int(open('/proc/self/status').read().split('VmRSS:')[1].split()[0]) / 1024
+seg, sal, fusion = TaskAffinity({channels}), TaskAffinity({channels}), CrossTaskFusion()
+fs = torch.randn({batch}, {channels}, {h}, {w}, requires_grad=True)
+fa = torch.randn({batch}, {channels}, {h}, {w}, requires_grad=True)
+init = torch.randn({batch}, 21, {h}, {w}, requires_grad=True)
+before = rss()
+a_seg, a_sal = seg(fs), sal(fa)
+refined_feats = propagate(a_seg, fs) + propagate(a_sal, fa)
+out = propagate(fusion(a_seg, a_sal), init)
+(out.square().mean() + refined_feats.mean()).backward()
+peak = int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) / 1024
+print(peak - before)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    return float(out.stdout.strip().splitlines()[-1]), batch * (h * w) ** 2 * 4 / 2**20
+
+
+def manifest(root: Path, name: str) -> dict[str, Any]:
+    return json.loads((root / name / "manifest.json").read_text())["stages"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--root", default=str(REPO / "runs" / "bench_auxsegnet"))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=4, help="rounds of the full row")
+    parser.add_argument("--set", nargs="*", default=[], help="extra overrides for every row")
+    parser.add_argument("--only", nargs="*", default=[], help="run only these rows (baseline seg_only plus_sal full), "
+                        "e.g. in parallel processes once the baseline's CAMs and seg_only's labels exist")
+    parser.add_argument("--memory", action="store_true", help="only measure the affinity part's peak memory")
+    args = parser.parse_args()
+    if args.memory:
+        print("| recipe | features | batch | one hw x hw map (MB) | peak of a training step, affinity part (MB) |")
+        print("|---|---|---|---|---|")
+        for label, h, w, batch in MEMORY_CASES:
+            peak, one = affinity_memory(h, w, batch)
+            print(f"| {label} | {h} x {w} | {batch} | {one:.1f} | {peak:.0f} |", flush=True)
+        return
+    root = Path(args.root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    common = [*BUDGET, f"data.root={root / 'data'}", f"trainer.threads={args.threads}", *args.set]
+    log = root / "bench.log"
+    results: dict[str, Any] = {"budget": common, "rounds": args.rounds, "rows": {}}
+
+    want = lambda row: not args.only or row in args.only  # noqa: E731
+    secs = 0.0 if not want("baseline") else run_wsss(BASE_RECIPE, "baseline", [*common, "run.stages=[train_cam, cam, pseudo, train_seg, evaluate]"], root, log)
+    st = manifest(root, "baseline")
+    base = {"label": "baseline (threshold + DeepLabV3+)", "seconds": round(secs), "pseudo_miou": {0: st["pseudo"]["metrics"]["pseudo_miou"]},
+            "val_miou": {1: st["evaluate"]["metrics"]["miou"]}, "cam_seed_miou": st["pseudo"]["metrics"]["cam_seed_miou"]}
+    results["rows"]["baseline"] = base
+    print(f"baseline: CAM seed {100 * base['cam_seed_miou']:.2f}, pseudo {100 * base['pseudo_miou'][0]:.2f}, "
+          f"val {100 * base['val_miou'][1]:.2f} ({secs:.0f} s)", flush=True)
+
+    for name, label, overrides, stages, links in ROWS:
+        if not want(name):
+            continue
+        run_dir = root / name
+        run_dir.mkdir(exist_ok=True)
+        for entry, source in links.items():
+            link = run_dir / entry
+            if not link.exists():
+                link.symlink_to(root / source / entry, target_is_directory=True)
+        rows = overrides if name != "full" else [f"seg.auxsegnet.rounds={args.rounds}"]
+        ov = [*common, *rows, f"run.stages={stages}"]
+        secs = run_wsss(AUX_RECIPE, name, ov, root, log)
+        rounds = manifest(root, name)["auxseg_rounds"]["metrics"]
+        n = rounds["rounds"]
+        initial = manifest(root, "seg_only")["pseudo"]["metrics"]["pseudo_miou"]
+        row = {"label": label, "seconds": round(secs), "pseudo_miou": {0: initial},
+               "val_miou": {}}
+        for k in range(1, n + 1):
+            row["pseudo_miou"][k] = rounds.get(f"r{k}_pseudo_miou")
+            row["val_miou"][k] = round(val_miou(AUX_RECIPE, [*ov, f"run.root={root}", f"run.name={name}"],
+                                                run_dir / f"seg_r{k}"), 4)
+        row["evaluate_stage_miou"] = manifest(root, name)["evaluate"]["metrics"]["miou"]
+        results["rows"][name] = row
+        print(f"{label}: pseudo mIoU by round {[round(100 * v, 2) for v in row['pseudo_miou'].values()]}, "
+              f"val mIoU by round {[round(100 * v, 2) for v in row['val_miou'].values()]} ({secs:.0f} s)", flush=True)
+
+    print("\n| row | pseudo mIoU r0 (train) | round | val mIoU | pseudo mIoU after the round's update |")
+    print("|---|---|---|---|---|")
+    for name, row in results["rows"].items():
+        for k, v in row["val_miou"].items():
+            after = row["pseudo_miou"].get(k) if name != "baseline" else None
+            print(f"| {row['label']} | {100 * row['pseudo_miou'][0]:.2f} | {k} | {100 * v:.2f} | "
+                  f"{'-' if after is None else f'{100 * after:.2f}'} |")
+    out = root / ("results.json" if not args.only else f"results_{'_'.join(args.only)}.json")
+    out.write_text(json.dumps(results, indent=2))
+    print(f"\nresults: {out}")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    main()
