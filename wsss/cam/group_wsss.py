@@ -77,7 +77,7 @@ class GroupViews(Dataset):
         if color_jitter and any(v > 0 for v in color_jitter):
             b, c, s, h = color_jitter
             ops.append(A.ColorJitter(brightness=b, contrast=c, saturation=s, hue=h, p=1.0))
-        self.augment = A.Compose(ops, seed=None)
+        self.augment = A.Compose(ops, seed=0)  # loader workers reseed it (wsss.data.transforms.seed_worker)
 
     def __len__(self) -> int:
         return len(self.base)

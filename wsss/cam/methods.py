@@ -16,37 +16,28 @@ callbacks (e.g. maps accumulated during training). Loops, devices, DDP and check
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 
-from wsss.data.transforms import Normalizer
-from wsss.engine.trainer import poly_schedule, sgd_with_groups, train_loader
+from wsss.engine.method import TrainableMethod
+from wsss.engine.trainer import poly_schedule, sgd_with_groups
 from wsss.errors import ConfigError
-from wsss.models.backbones import normalization
 from wsss.registry import CAM_METHODS
 
 __all__ = ["CAM_METHODS", "CamMethod", "MultiLabelSoftMargin", "Seam", "SeamOptions"]
 
 
-class CamMethod(L.LightningModule):
+class CamMethod(TrainableMethod):
     """Base of CAM methods: `net` on a timm backbone, images normalised for it, SGD with 10x new layers."""
 
     def __init__(self, backbone: Any, num_classes: int, optim: Any = None, options: Any = None):
         """backbone: BackboneConfig-like; num_classes includes background; optim: lr, momentum, weight_decay,
         new_layer_lr_mult, poly_power; options: the method's own section (a dataclass instance) or None."""
-        super().__init__()
         self.optim, self.options = optim, options
-        self.net = self.build_net(backbone, num_classes, options)
-        self.norm = Normalizer(*normalization(backbone))
-        self.channels_last = bool(backbone.channels_last)
-        if self.channels_last:
-            self.net = self.net.to(memory_format=torch.channels_last)
+        super().__init__(backbone, self.build_net(backbone, num_classes, options))
 
     # ---- what a method defines ------------------------------------------------------------
     def build_net(self, backbone: Any, num_classes: int, options: Any) -> nn.Module:
@@ -60,28 +51,6 @@ class CamMethod(L.LightningModule):
     def cams(self, x: torch.Tensor, output: str = "cam") -> torch.Tensor:
         """Normalised images (N, 3, H, W) -> raw foreground CAMs (N, K, h, w) (`output` names a variant)."""
         raise NotImplementedError
-
-    @classmethod
-    def train_loader(cls, dataset: Dataset, batch_size: int, num_workers: int, seed: int, options: Any = None) -> DataLoader:
-        """The training loader (the data hook): by default shuffled batches, the same at any process count."""
-        return train_loader(dataset, batch_size, num_workers, seed)
-
-    def callbacks(self, out_dir: Path) -> list[L.Callback]:
-        """Extra Lightning callbacks for training into `out_dir`."""
-        return []
-
-    # ---- shared -------------------------------------------------------------------------------
-    def prepare(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) 0..255 -> normalised, in the memory format the network runs fastest in."""
-        x = self.norm(images)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss, parts = self.loss(self.prepare(batch["image"]), batch)
-        for k, v in parts.items():
-            self.log(f"train/{k}", v)
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
 
     def configure_optimizers(self) -> dict[str, Any]:
         opt = sgd_with_groups(self.net.parameters(), self.net.new_parameters(), self.optim)

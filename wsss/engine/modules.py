@@ -10,20 +10,16 @@ checkpoints and logging are Lightning's job (wsss/engine/trainer.py).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
-import lightning as L
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 
-from wsss.data.transforms import Normalizer
-from wsss.engine.trainer import poly_schedule, sgd_with_groups, train_loader
+from wsss.engine.method import TrainableMethod
+from wsss.engine.trainer import poly_schedule, sgd_with_groups
 from wsss.losses import build_pixel_loss
 from wsss.metrics import ConfusionMatrix
-from wsss.models.backbones import normalization
 from wsss.registry import SEG_METHODS
 
 __all__ = ["SEG_METHODS", "LossSpec", "SegMethod", "SmpSegmenter"]
@@ -40,19 +36,14 @@ class LossSpec:
     uses: dict[str, Any] = field(default_factory=dict)  # other loss sections the regulariser reads
 
 
-class SegMethod(L.LightningModule):
+class SegMethod(TrainableMethod):
     """Base of segmentation methods: `net` (forward -> {"logits": (N, C, H, W), ...}), its loss, validation."""
 
     def __init__(self, seg: Any, num_classes: int, class_names: list[str], loss: Optional[LossSpec] = None,
                  options: Any = None):
         """seg: the plain `seg` section (arch, encoder, optimiser values); loss: None at inference."""
-        super().__init__()
         self.seg, self.options, self.class_names = seg, options, class_names
-        self.net = self.build_net(seg, num_classes, options)
-        self.norm = Normalizer(*normalization(seg.encoder))
-        self.channels_last = bool(seg.encoder.channels_last)
-        if self.channels_last:
-            self.net = self.net.to(memory_format=torch.channels_last)
+        super().__init__(seg.encoder, self.build_net(seg, num_classes, options))
         self.loss_spec = loss
         self.val_confusion = ConfusionMatrix(num_classes)  # the evaluation's own (monitoring only, per process)
 
@@ -69,28 +60,7 @@ class SegMethod(L.LightningModule):
         """Normalised images (N, 3, H, W) -> class logits (N, C, H, W) for inference."""
         return self.net(x)["logits"]
 
-    @classmethod
-    def train_loader(cls, dataset: Dataset, batch_size: int, num_workers: int, seed: int, options: Any = None) -> DataLoader:
-        """The training loader (the data hook): by default shuffled batches, the same at any process count."""
-        return train_loader(dataset, batch_size, num_workers, seed)
-
-    def callbacks(self, out_dir: Path) -> list[L.Callback]:
-        """Extra Lightning callbacks for training into `out_dir`."""
-        return []
-
     # ---- shared -------------------------------------------------------------------------------
-    def prepare(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) 0..255 -> normalised, in the memory format the network runs fastest in."""
-        x = self.norm(images)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss, parts = self.loss(self.prepare(batch["image"]), batch)
-        for k, v in parts.items():
-            self.log(f"train/{k}", v)
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
-
     def validation_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
         from wsss.engine.inference import segment_probs
 
