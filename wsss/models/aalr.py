@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from wsss.models.segmenter import Segmenter
@@ -31,12 +30,7 @@ class AALRNet(Segmenter):
     def forward(self, x: torch.Tensor, with_aux: bool = False, with_features: bool = False,
                 with_cams: bool = False) -> dict[str, torch.Tensor]:
         """(N, 3, H, W) -> segmentation logits at input size, plus the CAMs and decoder features on request."""
-        h, w = x.shape[-2:]
-        features = self.model.encoder(x)
-        decoded = self.model.decoder(features)
-        logits = self.model.segmentation_head(decoded)
-        if logits.shape[-2:] != (h, w):
-            logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+        features, decoded, logits = self.encode_decode(x)
         out = {"logits": logits}
         if with_cams:
             out["cams"] = self.classifier(features[-1])

@@ -79,14 +79,20 @@ class Segmenter(nn.Module):
             params += list(self.aux_head.parameters())
         return params
 
-    def forward(self, x: torch.Tensor, with_aux: bool = False, with_features: bool = False) -> dict[str, torch.Tensor]:
-        """(N, 3, H, W) -> {"logits": (N, C, H, W)[, "aux": (N, C, H, W)][, "features": decoder output]}."""
+    def encode_decode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """(N, 3, H, W) -> (encoder features per stage, decoder output, logits (N, C, H, W) at input size)."""
         h, w = x.shape[-2:]
         features = self.model.encoder(x)
         decoded = self.model.decoder(features)
         logits = self.model.segmentation_head(decoded)
         if logits.shape[-2:] != (h, w):
             logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+        return features, decoded, logits
+
+    def forward(self, x: torch.Tensor, with_aux: bool = False, with_features: bool = False) -> dict[str, torch.Tensor]:
+        """(N, 3, H, W) -> {"logits": (N, C, H, W)[, "aux": (N, C, H, W)][, "features": decoder output]}."""
+        h, w = x.shape[-2:]
+        features, decoded, logits = self.encode_decode(x)
         out = {"logits": logits}
         if with_aux and self.aux_head is not None:
             out["aux"] = F.interpolate(self.aux_head(features[-2]), size=(h, w), mode="bilinear", align_corners=False)
