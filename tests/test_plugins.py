@@ -115,3 +115,21 @@ def test_no_import_cycle_and_stages_import_no_other_stage() -> None:
     for m in graph:
         if m not in state:
             visit(m, [m])
+
+
+def test_a_stage_does_not_resume_from_another_stages_outputs(tmp_path: Path) -> None:
+    """cam and accumulated_cams both write cams/: switching between them moves the other's files aside."""
+    from wsss.engine.rundir import RunDir
+
+    rd = RunDir(load_recipe("configs/shapes_cam.yaml", [f"run.root={tmp_path}"])).prepare()
+    cams = rd.sub("cams")
+    cams.mkdir()
+    (cams / "a.npz").write_bytes(b"accumulated")
+    rd.update_stage("accumulated_cams", status="done", config_hash="x")
+    rd.reset_outputs_if_stale("cam", [cams])
+    assert not cams.exists() and (rd.sub("cams.old") / "a.npz").read_bytes() == b"accumulated"
+    cams.mkdir()
+    (cams / "b.npz").write_bytes(b"cam")  # the cam stage's own (e.g. interrupted) outputs stay
+    rd.update_stage("cam", status="running", config_hash=rd.stage_hash("cam"))
+    rd.reset_outputs_if_stale("cam", [cams])
+    assert (cams / "b.npz").is_file()

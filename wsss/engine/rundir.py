@@ -126,9 +126,12 @@ class RunDir:
                 and all(Path(p).exists() for p in outputs))
 
     def reset_outputs_if_stale(self, stage: str, dirs: list[Path] | tuple[Path, ...]) -> None:
-        """If the stage ran before with another config (or --force), move its outputs to `<dir>.old`."""
+        """If the stage ran before with another config (or --force), or its folders hold another stage's
+        outputs (two stages can write cams/), move them to `<dir>.old`."""
         info = self.stage_info(stage)
         stale = info.get("config_hash") not in (None, self.stage_hash(stage)) or self.force
+        if info.get("config_hash") is None and not stale:
+            stale = bool(self._written_by_other(stage, dirs))
         if not stale or not dist.is_main():
             dist.barrier()
             return
@@ -141,6 +144,13 @@ class RunDir:
                 os.replace(d, old)
                 log.info("%s: config changed, previous outputs moved to %s", stage, old)
         dist.barrier()
+
+    def _written_by_other(self, stage: str, dirs: list[Path] | tuple[Path, ...]) -> list[str]:
+        """Other stages recorded in the manifest that declare one of `dirs` (existing) as their output."""
+        names = {Path(d).name for d in dirs if Path(d).exists()}
+        return [other for other, info in self.read_manifest().get("stages", {}).items()
+                if other != stage and other in STAGES and info.get("config_hash") is not None
+                and names & set(STAGES.get(other).outputs)]
 
     @contextlib.contextmanager
     def running(self, stage: str) -> Iterator[dict[str, Any]]:
