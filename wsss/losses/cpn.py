@@ -20,9 +20,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from wsss.losses.seam import adaptive_min_pooling, max_norm, ohem_l1, with_background
+from wsss.losses.seam import max_norm, ohem_l1, view_terms, with_background
 
 
 def max_onehot_all(x: torch.Tensor) -> torch.Tensor:
@@ -32,12 +31,7 @@ def max_onehot_all(x: torch.Tensor) -> torch.Tensor:
 
 def _view(net: Any, x: torch.Tensor, labels: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """One view -> (max_norm(cam) y', max_norm(cam_rv) y', MLSM, AMP) at input size."""
-    out = net(x)
-    size = x.shape[-2:]
-    cam = F.interpolate(out["cam"], size, mode="bilinear", align_corners=True)
-    cam_rv = F.interpolate(out["cam_rv"], size, mode="bilinear", align_corners=True)
-    mlsm = F.multilabel_soft_margin_loss(cam.mean((2, 3))[:, 1:], labels.to(cam.dtype))
-    amp = adaptive_min_pooling((cam_rv * y)[:, 1:])
+    cam, cam_rv, mlsm, amp = view_terms(net, x, labels, y)
     return max_norm(cam) * y, max_norm(cam_rv) * y, mlsm, amp
 
 

@@ -55,21 +55,24 @@ def ohem_l1(target: torch.Tensor, pred: torch.Tensor, fraction: float) -> torch.
     return torch.topk(diff, k, dim=1).values.mean()
 
 
+def view_terms(net: Any, x: torch.Tensor, labels: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """One view x (N, 3, H, W) -> (cam, cam_rv) at input size (N, C, H, W), its MLSM loss and its AMP loss;
+    labels (N, C-1) multi-hot, y (N, C, 1, 1) with background 1."""
+    out = net(x)
+    size = x.shape[-2:]
+    cam = F.interpolate(out["cam"], size, mode="bilinear", align_corners=True)
+    cam_rv = F.interpolate(out["cam_rv"], size, mode="bilinear", align_corners=True)
+    mlsm = F.multilabel_soft_margin_loss(cam.mean((2, 3))[:, 1:], labels.to(cam.dtype))
+    amp = adaptive_min_pooling((cam_rv * y)[:, 1:])
+    return cam, cam_rv, mlsm, amp
+
+
 def seam_loss(net: Any, x: torch.Tensor, labels: torch.Tensor, cfg: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """x (N, 3, H, W) normalised, labels (N, C-1) multi-hot foreground -> (loss, {cls, amp, er, ecr})."""
     n = x.shape[0]
     y = torch.cat([torch.ones(n, 1, device=x.device, dtype=labels.dtype), labels], 1).to(x.dtype)[..., None, None]
     x2 = F.interpolate(x, scale_factor=cfg.view_scale, mode="bilinear", align_corners=True)
-    views = []
-    for xv in (x, x2):
-        out = net(xv)
-        size = xv.shape[-2:]
-        cam = F.interpolate(out["cam"], size, mode="bilinear", align_corners=True)
-        cam_rv = F.interpolate(out["cam_rv"], size, mode="bilinear", align_corners=True)
-        mlsm = F.multilabel_soft_margin_loss(cam.mean((2, 3))[:, 1:], labels.to(cam.dtype))
-        amp = adaptive_min_pooling((cam_rv * y)[:, 1:])
-        views.append((cam, cam_rv, mlsm, amp))
-    (cam1, rv1, mlsm1, amp1), (cam2, rv2, mlsm2, amp2) = views
+    (cam1, rv1, mlsm1, amp1), (cam2, rv2, mlsm2, amp2) = (view_terms(net, xv, labels, y) for xv in (x, x2))
     small = cam2.shape[-2:]
     hat1 = F.interpolate(max_norm(cam1), small, mode="bilinear", align_corners=True) * y
     hat_rv1 = F.interpolate(max_norm(rv1), small, mode="bilinear", align_corners=True) * y

@@ -60,8 +60,9 @@ def run(rd: RunDir) -> dict:
     with rd.running(STAGE) as metrics:
         out.mkdir(parents=True, exist_ok=True)
         ds = with_run_saliency(rd, split_dataset(cfg, cam_split(cfg)))
-        needs = build_generator(cfg.pseudo.method, plain(cfg.pseudo), options(cfg, "pseudo", cfg.pseudo.method)).needs
-        if "saliency" in needs and not ds.has_saliency:  # fail before any work, with one line
+        settings, opts = plain(cfg.pseudo), options(cfg, "pseudo", cfg.pseudo.method)
+        generator = build_generator(cfg.pseudo.method, settings, opts)
+        if "saliency" in generator.needs and not ds.has_saliency:  # fail before any work, with one line
             raise DataError(None, f"pseudo.method={cfg.pseudo.method} needs saliency maps and data set "
                                   f"{cfg.data.dataset} has none: add the saliency stage to run.stages or set data.saliency_dir")
         sweep = None
@@ -76,14 +77,13 @@ def run(rd: RunDir) -> dict:
                            cam_sweep={f"{tt:.2f}": round(mm.miou, 4) for tt, mm in sweep})
             log.info("pseudo: CAM seed mIoU %.2f at background threshold %.2f (best of the sweep)\n%s",
                      100 * m.miou, t, sweep_table(sweep))
-        bg = None
         if cfg.pseudo.bg_threshold_auto:
             if sweep is None and dist.is_main():
                 raise ValueError("pseudo.bg_threshold_auto needs ground-truth masks for the split")
             bg = best_threshold(sweep)[0] if dist.is_main() else None
             bg = _broadcast(bg)
             log.info("pseudo: bg_threshold_auto picked %.2f using ground truth", bg)
-        generator = build_generator(cfg.pseudo.method, plain(cfg.pseudo), options(cfg, "pseudo", cfg.pseudo.method), bg)
+            generator = build_generator(cfg.pseudo.method, settings, opts, bg)
         todo = [sid for sid in dist.shard(ds.ids) if not (out / f"{sid}.png").exists()]
         workers = cfg.trainer.num_workers if cfg.trainer.accelerator == "cpu" or not torch.cuda.is_available() else 0
         loader = torch.utils.data.DataLoader(_PseudoJob(ds, todo, cams_dir, out, generator),

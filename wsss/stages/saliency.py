@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from wsss.engine import dist
 from wsss.engine.rundir import RunDir
+from wsss.engine.trainer import configure_threads
 from wsss.errors import DataError
 from wsss.io import atomic
 from wsss.io.images import write_gray_png
@@ -54,8 +55,7 @@ def run(rd: RunDir) -> dict:
         return rd.metrics(STAGE)
     rd.reset_outputs_if_stale(STAGE, [out])
     with rd.running(STAGE) as metrics:
-        if cfg.trainer.threads > 0:
-            torch.set_num_threads(cfg.trainer.threads)
+        configure_threads(cfg)
         out.mkdir(parents=True, exist_ok=True)
         ds = split_dataset(cfg, saliency_split(cfg))
         ids = list(ds.ids)
