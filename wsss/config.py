@@ -164,6 +164,14 @@ class LossConfig:
 
 
 @dataclass
+class FeatureCacheConfig:
+    """Frozen-encoder feature cache (wsss/engine/feature_cache.py): features computed once, crops in feature space."""
+
+    enabled: str = "auto"  # auto (on when the encoder is wholly frozen, no colour jitter, and the method can) | true | false
+    scales: list[float] = field(default_factory=list)  # cached view scales; [] = 3 evenly spaced over seg.scale_range
+
+
+@dataclass
 class SegConfig(TrainConfig):
     epochs: int = 10
     batch_size: int = 8
@@ -176,6 +184,7 @@ class SegConfig(TrainConfig):
     labels: str = "pseudo"  # pseudo | gt | scribble | image (image-level labels only: single-stage methods)
     loss: LossConfig = field(default_factory=LossConfig)
     val_every: int = 0  # > 0: log val mIoU every N epochs (monitoring only; never used to pick a model)
+    feature_cache: FeatureCacheConfig = field(default_factory=FeatureCacheConfig)
 
 
 @dataclass
@@ -550,6 +559,11 @@ def validate(cfg: DictConfig) -> None:
         if w not in ("none", "imagenet", "efficientnet_lite0_pypi") and not Path(w).expanduser().is_file():
             raise ConfigError(f"{key}: {w!r} is neither none/imagenet/efficientnet_lite0_pypi nor an existing file")
     _validate_saliency(cfg.saliency)
+    fc = cfg.seg.feature_cache
+    if str(fc.enabled).lower() not in ("auto", "true", "false"):
+        raise ConfigError(f"seg.feature_cache.enabled: {fc.enabled!r} is not one of auto, true, false")
+    if any(v <= 0 for v in fc.scales):
+        raise ConfigError(f"seg.feature_cache.scales: positive view scales, got {list(fc.scales)}")
 
 
 def _validate_saliency(s: DictConfig) -> None:

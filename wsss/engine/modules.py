@@ -77,6 +77,23 @@ class SegMethod(TrainableMethod):
         """Trainable parameters outside `net` (e.g. a regulariser's head), trained at the new-layer rate."""
         return []
 
+    def cacheable_encoder(self) -> Optional[nn.Module]:
+        """The encoder whose features training may read from a cache (wsss/engine/feature_cache.py): one
+        that never changes while training, and only for a method whose `loss` reads `batch["features"]`."""
+        return None
+
+    def decode_cached(self, x: torch.Tensor, features: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Everything after the encoder: (N, 3, H, W) images and their encoder features -> the net's outputs."""
+        raise NotImplementedError
+
+    def cached_features(self, batch: dict[str, Any], like: torch.Tensor) -> Optional[list[torch.Tensor]]:
+        """The batch's cached encoder features (float16 on the loader side) in `like`'s dtype and memory format."""
+        features = batch.get("features")
+        if features is None:
+            return None
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        return [f.to(like.dtype).contiguous(memory_format=fmt) if f.dim() == 4 else f for f in features]
+
     def configure_optimizers(self) -> dict[str, Any]:
         opt = sgd_with_groups(self.net.parameters(), self.net.new_parameters(), self.seg)
         extra = [p for p in self.extra_parameters() if p.requires_grad]
@@ -109,7 +126,8 @@ class SmpSegmenter(SegMethod):
 
     def loss(self, x: torch.Tensor, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         needs_feats = self.regularizer is not None and getattr(self.regularizer, "needs_features", False)
-        out = self.net(x, with_aux=self.seg.aux_weight > 0, with_features=needs_feats)
+        out = self.net(x, with_aux=self.seg.aux_weight > 0, with_features=needs_feats,
+                       encoded=self.cached_features(batch, x))
         loss = self.pixel_loss(out["logits"], batch["target"])
         parts = {"seg_loss": loss.detach()}
         if "aux" in out:
@@ -124,3 +142,9 @@ class SmpSegmenter(SegMethod):
 
     def extra_parameters(self) -> list[nn.Parameter]:
         return list(self.regularizer.parameters()) if self.regularizer is not None else []
+
+    def cacheable_encoder(self) -> Optional[nn.Module]:
+        return self.net.frozen_encoder()
+
+    def decode_cached(self, x: torch.Tensor, features: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.net(x, with_aux=True, with_features=True, encoded=features)

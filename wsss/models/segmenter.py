@@ -79,26 +79,45 @@ class Segmenter(nn.Module):
             params += list(self.aux_head.parameters())
         return params
 
-    def encode_decode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-        """(N, 3, H, W) -> (encoder features per stage, decoder output, logits (N, C, H, W) at input size)."""
+    def encode_decode(self, x: torch.Tensor, features: Optional[list[torch.Tensor]] = None
+                      ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """(N, 3, H, W) -> (encoder features per stage, decoder output, logits (N, C, H, W) at input size).
+
+        features: the encoder's output for x computed beforehand (a frozen encoder's feature cache,
+        wsss/engine/feature_cache.py); the encoder is then skipped and x gives only the output size.
+        """
         h, w = x.shape[-2:]
-        features = self.model.encoder(x)
+        if features is None:
+            features = self.model.encoder(x)
         decoded = self.model.decoder(features)
         logits = self.model.segmentation_head(decoded)
         if logits.shape[-2:] != (h, w):
             logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
         return features, decoded, logits
 
-    def forward(self, x: torch.Tensor, with_aux: bool = False, with_features: bool = False) -> dict[str, torch.Tensor]:
-        """(N, 3, H, W) -> {"logits": (N, C, H, W)[, "aux": (N, C, H, W)][, "features": decoder output]}."""
+    def forward(self, x: torch.Tensor, with_aux: bool = False, with_features: bool = False,
+                encoded: Optional[list[torch.Tensor]] = None) -> dict[str, torch.Tensor]:
+        """(N, 3, H, W) -> {"logits": (N, C, H, W)[, "aux": (N, C, H, W)][, "features": decoder output]}.
+
+        encoded: the encoder's features of x computed beforehand (see `encode_decode`).
+        """
         h, w = x.shape[-2:]
-        features, decoded, logits = self.encode_decode(x)
+        features, decoded, logits = self.encode_decode(x, encoded)
         out = {"logits": logits}
         if with_aux and self.aux_head is not None:
             out["aux"] = F.interpolate(self.aux_head(features[-2]), size=(h, w), mode="bilinear", align_corners=False)
         if with_features:
             out["features"] = decoded
         return out
+
+    def frozen_encoder(self) -> Optional[nn.Module]:
+        """The encoder if nothing in it changes while training (no trainable parameter, no BatchNorm
+        statistics updated), so its features can be computed once (wsss/engine/feature_cache.py); else None."""
+        encoder = self.model.encoder
+        has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in encoder.modules())
+        if (self.freeze_bn or not has_bn) and not any(p.requires_grad for p in encoder.parameters()):
+            return encoder
+        return None
 
     def train(self, mode: bool = True) -> "Segmenter":
         super().train(mode)

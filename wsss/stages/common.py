@@ -183,6 +183,52 @@ def stage_main(stage: str, run_fn: Callable[[RunDir], Any], description: str) ->
     run_guarded(lambda: run_fn(open_run(args.recipe, args.overrides, args.force)))
 
 
+def feature_cached(rd: RunDir, module: Any, targets: Any) -> tuple[Any, dict]:
+    """`targets` (a SegmentationSet) read from the frozen encoder's feature cache when seg.feature_cache
+    allows it (the cache filled first), else unchanged; plus the cache's metrics ({} when off)."""
+    from wsss.data.feature_crops import CacheLayout, CachedFeatureSet, default_scales
+    from wsss.engine.feature_cache import cache_key, fill_feature_cache, probe_levels, weights_identity
+    from wsss.errors import ConfigError
+
+    seg = rd.cfg.seg
+    mode = str(seg.feature_cache.enabled).lower()
+    if mode == "false":
+        return targets, {}
+    encoder = module.cacheable_encoder()
+    reason = ""
+    if encoder is None:
+        reason = f"seg.method={seg.method} with this encoder: the encoder trains, or the method does not read cached features"
+    elif seg.color_jitter > 0:
+        reason = "seg.color_jitter > 0 changes the images at every epoch"
+    if not reason:
+        count, levels, strides = probe_levels(module)
+        scales = tuple(seg.feature_cache.scales) or default_scales(tuple(seg.scale_range))
+        layout = CacheLayout(count, levels, strides, scales, (False, True) if seg.hflip else (False,))
+        if seg.crop_size % layout.alignment:
+            reason = f"seg.crop_size {seg.crop_size} is not a multiple of the encoder's coarsest stride {layout.alignment}"
+    if reason:
+        if mode == "true":
+            raise ConfigError(f"seg.feature_cache.enabled=true: {reason}")
+        log.info("feature cache: off (%s)", reason)
+        return targets, {}
+    d = rd.cfg.data
+    meta = {"encoder": seg.encoder.name, "weights": weights_identity(seg.encoder.weights),
+            "output_stride": seg.encoder.output_stride, "dataset": d.dataset, "root": str(d.root),
+            "split": d.train_split, "max_pixels": d.max_pixels, "image_mode": d.image_mode,
+            "views": layout.views(), "levels": levels}
+    cache_dir = rd.sub("feature_cache", cache_key(meta))
+    device = inference_device(rd.cfg)
+    module.to(device)
+    stats = fill_feature_cache(encoder, module.norm, targets.base, targets.base.ids, cache_dir, layout, meta, device,
+                               rd.cfg.trainer.num_workers, module.channels_last)
+    module.cpu()
+    log.info("feature cache: %d images x %d views, levels %s, %.1f MB in %s (%d computed in %.1f s)",
+             stats["images"], len(layout.views()), list(levels), stats["megabytes"], cache_dir, stats["computed"],
+             stats["seconds"])
+    cached = CachedFeatureSet(targets, cache_dir, layout, seg.crop_size, rd.cfg.trainer.seed)
+    return cached, {"feature_cache": {"dir": str(cache_dir.relative_to(rd.path)), "views": len(layout.views()), **stats}}
+
+
 def train_segmenter(rd: RunDir, out: Path, source: str, pseudo_dir: Optional[Path], pixel_loss: Optional[str] = None,
                     keep_best_val: bool = False, init: Optional[Path] = None) -> dict:
     """Train one segmentation method into `out` (train_seg and every cyclic round); returns its metrics.
@@ -207,6 +253,7 @@ def train_segmenter(rd: RunDir, out: Path, source: str, pseudo_dir: Optional[Pat
     if init is not None:
         log.info("%s: starting from %d tensors of %s", out.name, load_shared_weights(module.net, init), init)
     train_set = SegmentationSet(ds, source, train_augment(cfg.seg, with_masks=True, seed=cfg.trainer.seed), pseudo_dir)
+    train_set, cache_metrics = feature_cached(rd, module, train_set)
     loader = module.train_loader(train_set, cfg.seg.batch_size, cfg.trainer.num_workers, cfg.trainer.seed, module.options)
     val_every = max(1, cfg.seg.val_every) if keep_best_val else cfg.seg.val_every
     val_loader = None
@@ -230,7 +277,7 @@ def train_segmenter(rd: RunDir, out: Path, source: str, pseudo_dir: Optional[Pat
     dist.barrier()
     metrics = {"steps": int(trainer.global_step), "resumed_from_step": start, "images": len(ds), "labels": source,
                "loss": loss.pixel + (f"+{loss.regularizer}" if loss.regularizer else ""),
-               "final_loss": float(trainer.callback_metrics.get("train/loss", float("nan")))}
+               "final_loss": float(trainer.callback_metrics.get("train/loss", float("nan"))), **cache_metrics}
     if keep is not None:
         metrics.update(selected_step=keep.step, selected_val_miou_uses_gt=round(keep.best, 4) if keep.step >= 0 else None)
     elif "val/miou" in trainer.callback_metrics:

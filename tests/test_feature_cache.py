@@ -1,0 +1,199 @@
+"""Frozen-encoder feature cache (wsss/engine/feature_cache.py, wsss/data/feature_crops.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import tiny_shapes
+from wsss.data.feature_crops import CacheLayout, CachedFeatureSet, crop_origin, crop_padded, default_scales, \
+    level_file, view_image
+from wsss.data.shapes import ShapesDataset
+from wsss.data.transforms import SegmentationSet
+from wsss.engine.feature_cache import fill_feature_cache, probe_levels
+from wsss.engine.modules import LossSpec, SmpSegmenter
+
+SIZE = 64
+
+
+def seg_section(frozen_stages: int = 10, freeze_bn: bool = True, aux_weight: float = 0.0) -> SimpleNamespace:
+    encoder = SimpleNamespace(name="test_resnet", weights="none", output_stride=16, frozen_stages=frozen_stages,
+                              freeze_bn=freeze_bn, channels_last=False)
+    return SimpleNamespace(arch="deeplabv3plus", arch_kwargs={}, encoder=encoder, aux_weight=aux_weight, lr=0.01,
+                           new_layer_lr_mult=10.0, momentum=0.9, weight_decay=0.0, poly_power=0.9)
+
+
+def segmenter(aux_weight: float = 0.0, **kw) -> SmpSegmenter:
+    torch.manual_seed(0)
+    return SmpSegmenter(seg_section(aux_weight=aux_weight, **kw), 7, [f"c{i}" for i in range(7)], LossSpec("ce"))
+
+
+@pytest.fixture(scope="module")
+def shapes_ds(tmp_path_factory) -> ShapesDataset:
+    data = SimpleNamespace(root=str(tmp_path_factory.mktemp("shapes")), image_mode="convert", max_pixels=10**8,
+                           skip_bad=False, shapes=SimpleNamespace(num_train=3, num_val=1, image_size=SIZE, seed=0))
+    return ShapesDataset.from_config(data, "train")
+
+
+def layout_of(method: SmpSegmenter, scales=(1.0, 0.5), flips=(False, True)) -> CacheLayout:
+    count, levels, strides = probe_levels(method)
+    return CacheLayout(count, levels, strides, tuple(scales), tuple(flips))
+
+
+def test_only_a_wholly_frozen_encoder_is_cacheable():
+    assert segmenter().cacheable_encoder() is not None
+    assert segmenter(frozen_stages=2).cacheable_encoder() is None  # later stages train
+    assert segmenter(freeze_bn=False).cacheable_encoder() is None  # BatchNorm statistics move
+
+
+def test_probe_finds_the_levels_the_decoder_and_aux_head_read():
+    method = segmenter()
+    count, levels, strides = probe_levels(method)
+    assert count == 6 and levels == (2, 5) and strides == (4, 16)  # DeepLabV3+: stride-4 skip + last stage
+    aux = segmenter(aux_weight=0.4)
+    assert probe_levels(aux)[1] == (2, 4, 5)  # + the aux head's input
+
+
+def test_cached_features_equal_the_encoder_output(shapes_ds, tmp_path):
+    method = segmenter()
+    layout = layout_of(method)
+    stats = fill_feature_cache(method.cacheable_encoder(), method.norm, shapes_ds, shapes_ds.ids, tmp_path, layout,
+                               {}, torch.device("cpu"))
+    assert stats["computed"] == 3 and stats["megabytes"] > 0
+    image = shapes_ds.load(shapes_ds.ids[1], ("image",))["image"]
+    for scale, flipped in layout.views():
+        x = method.norm(torch.from_numpy(view_image(image, scale, flipped).transpose(2, 0, 1).copy()).float()[None])
+        with torch.no_grad():
+            expected = method.cacheable_encoder()(x)
+        for level in layout.levels:
+            stored = np.load(level_file(tmp_path / shapes_ds.ids[1], scale, flipped, level))
+            assert stored.dtype == np.float16 and stored.shape == tuple(expected[level].shape[1:])
+            np.testing.assert_allclose(stored.astype(np.float32), expected[level][0].numpy(), rtol=2e-3, atol=2e-3)
+
+
+def test_training_on_cached_features_gives_the_image_path_loss(shapes_ds, tmp_path):
+    """A crop covering the whole unscaled image: the cached features are the encoder's, so are logits and loss."""
+    method = segmenter()
+    layout = layout_of(method, scales=(1.0,), flips=(False,))
+    fill_feature_cache(method.cacheable_encoder(), method.norm, shapes_ds, shapes_ds.ids, tmp_path, layout, {},
+                       torch.device("cpu"))
+    targets = SegmentationSet(shapes_ds, "gt", augment=None)
+    sample = CachedFeatureSet(targets, tmp_path, layout, SIZE, seed=0)[0]
+    batch = {k: (v.unsqueeze(0) if torch.is_tensor(v) else [f.unsqueeze(0) for f in v]) for k, v in sample.items()
+             if k in ("features", "image", "target")}
+    full = shapes_ds.load(shapes_ds.ids[0], ("image", "mask"))
+    assert torch.equal(batch["image"][0], torch.from_numpy(full["image"].transpose(2, 0, 1).copy()).float())
+    assert torch.equal(batch["target"][0], torch.from_numpy(full["mask"].copy()).long())
+    method.eval()  # dropout off: both paths run the same decoder
+    x = method.prepare(batch["image"])
+    cached_loss, _ = method.loss(x, batch)
+    image_loss, _ = method.loss(x, {k: v for k, v in batch.items() if k != "features"})
+    assert float(cached_loss) == pytest.approx(float(image_loss), rel=1e-3)
+    cached_loss.backward()
+    assert all(p.grad is None for p in method.cacheable_encoder().parameters())  # nothing flows into the encoder
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in method.net.model.decoder.parameters())
+
+
+def test_a_feature_space_crop_matches_the_encoder_on_the_cropped_image():
+    """Stride-aligned crops of a big view's features agree with the encoder run on the cropped pixels, up to
+    border effects (compared inside a margin), and much better than a crop shifted by one cell."""
+    method = segmenter()
+    encoder = method.cacheable_encoder()
+    rng = np.random.default_rng(0)
+    smooth = np.kron(rng.integers(0, 256, (12, 12, 3)), np.ones((16, 16, 1))).astype(np.uint8)  # 192 x 192
+    to_x = lambda a: method.norm(torch.from_numpy(a.transpose(2, 0, 1).copy()).float()[None])  # noqa: E731
+    with torch.no_grad():
+        whole = encoder(to_x(smooth))[5][0].numpy()  # stride 16: 12 x 12 cells
+        top, left, size = 48, 64, 128
+        crop = encoder(to_x(smooth[top : top + size, left : left + size]))[5][0].numpy()  # 8 x 8 cells
+    aligned = crop_padded(whole, top // 16, left // 16, size // 16, 0.0)
+    shifted = crop_padded(whole, top // 16 + 1, left // 16, size // 16, 0.0)
+    inner = (slice(None), slice(2, 6), slice(2, 6))
+    err_aligned = np.abs(aligned[inner] - crop[inner]).mean()
+    err_shifted = np.abs(shifted[inner] - crop[inner]).mean()
+    assert err_aligned < 0.5 * err_shifted
+
+
+def test_crop_geometry():
+    assert crop_origin(100, 64, 16, 0.0) == 0 and crop_origin(100, 64, 16, 0.999) == 32  # positions 0, 16, 32
+    assert crop_origin(40, 64, 16, 0.7) == 0  # smaller than the crop: origin 0, the rest is padding
+    a = np.arange(12, dtype=np.float32).reshape(1, 3, 4)
+    out = crop_padded(a, 1, 2, 3, -1.0)
+    assert out.tolist() == [[[6, 7, -1], [10, 11, -1], [-1, -1, -1]]]
+    assert default_scales((0.5, 1.0)) == (0.5, 0.75, 1.0) and default_scales((1.0, 1.0)) == (1.0,)
+
+
+def test_samples_align_target_and_features_in_every_view(shapes_ds, tmp_path):
+    method = segmenter()
+    layout = layout_of(method)
+    fill_feature_cache(method.cacheable_encoder(), method.norm, shapes_ds, shapes_ds.ids, tmp_path, layout, {},
+                       torch.device("cpu"))
+    ds = CachedFeatureSet(SegmentationSet(shapes_ds, "gt", augment=None), tmp_path, layout, 48, seed=3)
+    seen = set()
+    for _ in range(12):
+        s = ds[2]
+        assert s["image"].shape == (3, 48, 48) and s["target"].shape == (48, 48) and s["roi"].shape == (48, 48)
+        assert s["features"][2].shape[-2:] == (12, 12) and s["features"][5].shape[-2:] == (3, 3)
+        assert s["features"][0].numel() == 0  # levels the decoder does not read are not stored
+        assert (s["target"][~s["roi"]] == 255).all() and (s["image"][:, ~s["roi"]] == 0).all()
+        seen.add((int(s["roi"].sum()), float(s["image"].mean())))
+    assert len(seen) > 3  # views and crops vary
+
+
+def test_fill_resumes_after_an_interruption(shapes_ds, tmp_path, monkeypatch):
+    method = segmenter()
+    layout = layout_of(method, scales=(1.0,))
+    saves = []
+    real_save = np.save
+
+    def dying_save(path, array):
+        saves.append(path)
+        if len(saves) == 6:  # 4 files per image (2 views x 2 levels): the second image, half written
+            raise KeyboardInterrupt
+        real_save(path, array)
+
+    monkeypatch.setattr(np, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        fill_feature_cache(method.cacheable_encoder(), method.norm, shapes_ds, shapes_ds.ids, tmp_path, layout, {},
+                           torch.device("cpu"))
+    monkeypatch.setattr(np, "save", real_save)
+    assert (tmp_path / shapes_ds.ids[0]).is_dir() and not (tmp_path / shapes_ds.ids[1]).exists()
+    assert list(tmp_path.glob(".tmp-*"))  # the half-written image is only a temporary
+    stats = fill_feature_cache(method.cacheable_encoder(), method.norm, shapes_ds, shapes_ds.ids, tmp_path, layout,
+                               {}, torch.device("cpu"))
+    assert stats["computed"] == 2 and not list(tmp_path.glob(".tmp-*"))
+    assert json.loads((tmp_path / "meta.json").read_text())["layout"]["levels"] == [2, 5]
+
+
+def run_train_seg(tmp_path: Path, *extra: str) -> dict:
+    from wsss.pipeline import open_run, run_stages
+
+    overrides = [*tiny_shapes(num_train=6, num_val=2, steps=2, batch=2), "seg.encoder.frozen_stages=10",
+                 "seg.encoder.freeze_bn=true", "seg.scale_range=[0.75,1.0]", f"run.root={tmp_path}",
+                 "run.stages=[train_seg]", *extra]
+    rd = open_run("configs/shapes_scribble_densecrf.yaml", overrides)
+    run_stages(rd)
+    return rd.metrics("train_seg")
+
+
+@pytest.mark.slow
+def test_a_recipe_with_a_frozen_encoder_trains_on_the_cache(tmp_path):
+    """auto: on for a frozen encoder, with a regulariser that reads the cropped RGB; off when forced off."""
+    metrics = run_train_seg(tmp_path, "run.name=cached")
+    cache = metrics["feature_cache"]
+    assert cache["images"] == 6 and cache["computed"] == 6 and cache["views"] == 6 and metrics["steps"] == 2
+    assert (tmp_path / "cached" / cache["dir"] / "meta.json").is_file()
+    off = run_train_seg(tmp_path, "run.name=images", "seg.feature_cache.enabled=false")
+    assert "feature_cache" not in off and off["steps"] == 2
+
+
+def test_forcing_the_cache_on_a_trainable_encoder_is_a_config_error(tmp_path):
+    from wsss.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="seg.feature_cache.enabled=true: .*encoder trains"):
+        run_train_seg(tmp_path, "seg.encoder.frozen_stages=1", "seg.feature_cache.enabled=true")
