@@ -197,3 +197,18 @@ def test_forcing_the_cache_on_a_trainable_encoder_is_a_config_error(tmp_path):
 
     with pytest.raises(ConfigError, match="seg.feature_cache.enabled=true: .*encoder trains"):
         run_train_seg(tmp_path, "seg.encoder.frozen_stages=1", "seg.feature_cache.enabled=true")
+
+
+@pytest.mark.slow
+def test_two_processes_share_the_fill_and_train_on_it(tmp_path):
+    """Under torchrun each image is computed by exactly one process (8 computed for 8 images, not 16)."""
+    from tests.test_ddp import torchrun
+
+    overrides = [*tiny_shapes(num_train=8, num_val=2, steps=2, batch=2), "seg.encoder.frozen_stages=10",
+                 "seg.encoder.freeze_bn=true", f"run.root={tmp_path}", "run.name=ddp", "run.stages=[train_seg]",
+                 f"data.root={tmp_path / 'data'}"]
+    torchrun("run", "configs/shapes_scribble_pce.yaml", *overrides)
+    metrics = json.loads((tmp_path / "ddp" / "manifest.json").read_text())["stages"]["train_seg"]["metrics"]
+    assert metrics["feature_cache"]["computed"] == 8 and metrics["feature_cache"]["images"] == 8
+    assert metrics["steps"] == 2
+    assert len([p for p in (tmp_path / "ddp" / metrics["feature_cache"]["dir"]).iterdir() if p.is_dir()]) == 8
