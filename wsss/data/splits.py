@@ -2,7 +2,8 @@
 
 The convergence protocol (docs/protocol.md) holds a part of the train split out of training, to stop
 training and choose weights and thresholds on it instead of on val. The part is decided by the ids
-alone: the ids are ranked by the SHA-1 of their text and the first round(fraction * n) are held out.
+alone: the ids are ranked by the SHA-1 of their text and the first floor(fraction * n + 0.5) are held
+out (at least one, and at least one left to train on).
 """
 
 from __future__ import annotations
