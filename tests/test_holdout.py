@@ -304,3 +304,19 @@ def test_sigkill_after_the_best_epoch_then_rerun_remembers_it(tmp_path):
     assert metrics["resumed_from_step"] >= 3
     assert (metrics["holdout_best_epoch"], metrics["holdout_best_step"], metrics["stopped_at_epoch"]) == (1, 2, 3)
     assert metrics["stopped_early"] and metrics["steps"] == 6
+
+
+@pytest.mark.slow
+def test_two_processes_stop_together_and_select_as_one_does(flat_run, tmp_path):
+    """torchrun, 2 processes x batch 4 = the single process's batch 8: both validate every held-out image,
+    vote to stop at the same epoch (no process left waiting in a collective) and select the same epoch."""
+    _, single, _, _ = flat_run
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "wsss", "train-seg", *_recipe(tmp_path), "seg.batch_size=4"],
+                         capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    both = json.loads((tmp_path / "runs" / "r" / "manifest.json").read_text())["stages"]["train_seg"]["metrics"]
+    keys = ("images", "holdout_images", "holdout_best_miou", "holdout_best_epoch", "holdout_best_step",
+            "stopped_at_epoch", "stopped_early", "steps")
+    assert {k: both[k] for k in keys} == {k: single[k] for k in keys}
