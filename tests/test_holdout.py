@@ -108,6 +108,18 @@ def test_protocol_defaults_are_off_and_voc12mini_recipes_turn_it_on():
     assert mini.seg.epochs >= 20 and mini.seg.val_every <= 1
 
 
+def test_the_protocol_enters_stage_hashes_only_when_on():
+    """Off, its keys are left out of the hashes: runs from before the protocol existed stay valid."""
+    from wsss.config import section_hash
+
+    def seg_hash(*overrides: str) -> str:
+        return section_hash(load_recipe(None, list(overrides)), ["seg"])
+
+    assert seg_hash() == seg_hash("seg.convergence.patience=7")
+    assert seg_hash("seg.convergence.holdout=0.2") != seg_hash("seg.convergence.holdout=0.2", "seg.convergence.patience=7")
+    assert seg_hash() != seg_hash("seg.convergence.holdout=0.2")
+
+
 # ---- early stopping and selection (the callback alone) ------------------------------------------------
 
 

@@ -632,6 +632,11 @@ def _unselected_options(cfg: DictConfig) -> set[str]:
     return out
 
 
+def _inactive_sections(cfg: DictConfig) -> set[str]:
+    """Sections that are switched off (left out of stage hashes, so runs from before they existed stay valid)."""
+    return {"seg.convergence"} if cfg.seg.convergence.holdout == 0 else set()
+
+
 def _prune(node: Any, path: str, drop: set[str]) -> Any:
     if isinstance(node, dict):
         return {k: _prune(v, f"{path}.{k}" if path else k, drop) for k, v in node.items()
@@ -645,7 +650,7 @@ def section_hash(cfg: DictConfig, keys: list[str] | tuple[str, ...]) -> str:
     Options of components the recipe does not use are left out: registering a new method does not
     make existing runs stale.
     """
-    drop = _unselected_options(cfg)
+    drop = _unselected_options(cfg) | _inactive_sections(cfg)
     payload = {}
     for k in keys:
         value = OmegaConf.select(cfg, k)
