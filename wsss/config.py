@@ -172,6 +172,15 @@ class FeatureCacheConfig:
 
 
 @dataclass
+class ConvergenceConfig:
+    """The convergence protocol (docs/protocol.md): train on the train split minus a fixed held-out part,
+    validate on that part every epoch, stop when its mIoU stops improving and keep its best weights."""
+
+    holdout: float = 0.0  # fraction of the train split's ids held out of training (0 = off); fixed by SHA-1 of the ids
+    patience: int = 3  # stop after this many epochs without a better held-out mIoU (0 = never early); seg.epochs is the maximum
+
+
+@dataclass
 class SegConfig(TrainConfig):
     epochs: int = 10
     batch_size: int = 8
@@ -185,6 +194,8 @@ class SegConfig(TrainConfig):
     loss: LossConfig = field(default_factory=LossConfig)
     val_every: int = 0  # > 0: log val mIoU every N epochs (monitoring only; never used to pick a model)
     feature_cache: FeatureCacheConfig = field(default_factory=FeatureCacheConfig)
+    # convergence.holdout > 0: the held-out part is validated instead of val, every max(1, val_every) epochs
+    convergence: ConvergenceConfig = field(default_factory=ConvergenceConfig)
 
 
 @dataclass
@@ -544,6 +555,7 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}.batch_size: must be >= 1")
         if o.epochs < 1 and o.max_steps < 1:
             raise ConfigError(f"{key}: set epochs >= 1 or max_steps >= 1")
+    _validate_convergence(cfg)
     d = cfg.data
     if d.dataset != "shapes":
         if not d.root:
@@ -564,6 +576,18 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"seg.feature_cache.enabled: {fc.enabled!r} is not one of auto, true, false")
     if any(v <= 0 for v in fc.scales):
         raise ConfigError(f"seg.feature_cache.scales: positive view scales, got {list(fc.scales)}")
+
+
+def _validate_convergence(cfg: DictConfig) -> None:
+    """Ranges of seg.convergence; PMM's selection on val ground truth contradicts selecting on the held-out part."""
+    c = cfg.seg.convergence
+    if not 0 <= c.holdout < 1:
+        raise ConfigError(f"seg.convergence.holdout: a fraction of the train split in [0, 1) (0 = off), got {c.holdout}")
+    if c.patience < 0:
+        raise ConfigError(f"seg.convergence.patience: epochs without improvement, >= 0 (0 = never stop early), got {c.patience}")
+    if c.holdout > 0 and cfg.cyclic.rounds > 0 and cfg.cyclic.selection == "best_val_uses_gt":
+        raise ConfigError("cyclic.selection: best_val_uses_gt selects on val ground truth, but seg.convergence.holdout > 0 "
+                          "selects every segmenter on the held-out part; set cyclic.selection=last")
 
 
 def _validate_saliency(s: DictConfig) -> None:
@@ -622,6 +646,11 @@ def _unselected_options(cfg: DictConfig) -> set[str]:
     return out
 
 
+def _inactive_sections(cfg: DictConfig) -> set[str]:
+    """Sections that are switched off (left out of stage hashes, so runs from before they existed stay valid)."""
+    return {"seg.convergence"} if cfg.seg.convergence.holdout == 0 else set()
+
+
 def _prune(node: Any, path: str, drop: set[str]) -> Any:
     if isinstance(node, dict):
         return {k: _prune(v, f"{path}.{k}" if path else k, drop) for k, v in node.items()
@@ -635,7 +664,7 @@ def section_hash(cfg: DictConfig, keys: list[str] | tuple[str, ...]) -> str:
     Options of components the recipe does not use are left out: registering a new method does not
     make existing runs stale.
     """
-    drop = _unselected_options(cfg)
+    drop = _unselected_options(cfg) | _inactive_sections(cfg)
     payload = {}
     for k in keys:
         value = OmegaConf.select(cfg, k)

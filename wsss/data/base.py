@@ -12,6 +12,7 @@ Class index 0 is background everywhere; `labels[k]` refers to class k + 1.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections import Counter
 from pathlib import Path
@@ -221,6 +222,16 @@ class SegDataset:
         if n > 0:
             self.ids = self.ids[:n]
         return self
+
+    def select(self, ids: Iterable[str]) -> "SegDataset":
+        """A copy of this data set that has only `ids` (in that order; each must be one of its ids)."""
+        ids = list(ids)
+        unknown = set(ids) - set(self.ids)
+        if unknown:
+            raise DataError(None, f"{len(unknown)} id(s) not in this data set, e.g. {sorted(unknown)[0]!r}")
+        part = copy.copy(self)  # shares the loaders' settings (saliency folder, scribble simulator)
+        part.ids = _check_ids(ids, None)
+        return part
 
 
 def labels_from_mask(mask: np.ndarray, num_classes: int) -> np.ndarray:

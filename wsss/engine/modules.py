@@ -39,6 +39,8 @@ class LossSpec:
 class SegMethod(TrainableMethod):
     """Base of segmentation methods: `net` (forward -> {"logits": (N, C, H, W), ...}), its loss, validation."""
 
+    val_metric = "val/miou"  # what validation logs; train_segmenter sets holdout/miou when it validates the held-out part
+
     def __init__(self, seg: Any, num_classes: int, class_names: list[str], loss: Optional[LossSpec] = None,
                  options: Any = None):
         """seg: the plain `seg` section (arch, encoder, optimiser values); loss: None at inference."""
@@ -71,7 +73,7 @@ class SegMethod(TrainableMethod):
     def on_validation_epoch_end(self) -> None:
         miou = self.val_confusion.compute(self.class_names).miou
         self.val_confusion = ConfusionMatrix(self.val_confusion.num_classes)
-        self.log("val/miou", miou, prog_bar=True)
+        self.log(self.val_metric, miou, prog_bar=True)
 
     def extra_parameters(self) -> list[nn.Parameter]:
         """Trainable parameters outside `net` (e.g. a regulariser's head), trained at the new-layer rate."""

@@ -73,27 +73,48 @@ class ResumeBookkeeping(L.Callback):
 
 
 class KeepBestVal(L.Callback):
-    """Exports the weights with the best val mIoU seen so far to `<out>/best_val/` (uses val ground truth)."""
+    """Exports the weights with the best validation mIoU seen so far to `<out>/<folder>/`, and with
+    patience > 0 stops training once `patience` epochs have passed without a better one.
 
-    def __init__(self, out: Path, section: Any, class_names: list[str]):
-        self.out, self.section, self.class_names = out / "best_val", section, class_names
+    monitor: the logged mIoU, `val/miou` (PMM's best-val selection: uses val ground truth, folder
+    best_val) or `holdout/miou` (the convergence protocol's held-out part, folder best_holdout).
+    """
+
+    def __init__(self, out: Path, section: Any, class_names: list[str], monitor: str = "val/miou",
+                 folder: str = "best_val", patience: int = 0):
+        self.out, self.section, self.class_names = out / folder, section, class_names
+        self.monitor, self.patience = monitor, patience
         self.best, self.step = float("-inf"), -1
+        self.epoch = 0  # epochs trained when the best was reached (1-based)
+        self.stopped_epoch = 0  # epochs trained when patience ran out (0 = not stopped)
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if self.stopped_epoch:  # resumed from a checkpoint saved after the decision to stop: train no further
+            trainer.should_stop = True
 
     def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         from wsss.engine.export import export_net
 
-        miou = trainer.callback_metrics.get("val/miou")
-        if miou is None or trainer.sanity_checking or float(miou) <= self.best:
+        miou = trainer.callback_metrics.get(self.monitor)
+        if miou is None or trainer.sanity_checking:
             return
-        self.best, self.step = float(miou), int(trainer.global_step)
-        if trainer.is_global_zero:
-            export_net(module.net, self.out, "seg", self.section, self.class_names)
+        epoch = int(trainer.current_epoch) + 1
+        if float(miou) > self.best:
+            self.best, self.step, self.epoch = float(miou), int(trainer.global_step), epoch
+            if trainer.is_global_zero:
+                export_net(module.net, self.out, "seg", self.section, self.class_names)
+        if self.patience > 0:
+            # every process validates the same images, so they agree; the vote keeps them in step regardless
+            stop = trainer.strategy.reduce_boolean_decision(epoch - self.epoch >= self.patience, all=False)
+            if stop and not self.stopped_epoch:
+                trainer.should_stop, self.stopped_epoch = True, epoch
 
     def state_dict(self) -> dict:  # saved in checkpoints, so a resumed run remembers the best so far
-        return {"best": self.best, "step": self.step}
+        return {"best": self.best, "step": self.step, "epoch": self.epoch, "stopped_epoch": self.stopped_epoch}
 
     def load_state_dict(self, state: dict) -> None:
         self.best, self.step = state["best"], state["step"]
+        self.epoch, self.stopped_epoch = state.get("epoch", 0), state.get("stopped_epoch", 0)  # older checkpoints lack them
 
 
 def configure_threads(cfg: DictConfig) -> None:

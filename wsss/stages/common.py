@@ -23,6 +23,8 @@ from wsss.crf.presets import CRFParams
 from wsss.data import SegDataset, build_dataset
 from wsss.engine import dist
 from wsss.engine.rundir import RunDir
+from wsss.errors import ConfigError
+from wsss.io import atomic
 from wsss.io.images import image_size
 from wsss.registry import CAM_METHODS, REGULARIZERS, SEG_METHODS
 
@@ -229,6 +231,46 @@ def feature_cached(rd: RunDir, module: Any, targets: Any) -> tuple[Any, dict]:
     return cached, {"feature_cache": {"dir": str(cache_dir.relative_to(rd.path)), "views": len(layout.views()), **stats}}
 
 
+def holdout_split(ds: SegDataset, fraction: float) -> tuple[SegDataset, Optional[SegDataset]]:
+    """(training part, held-out part) of the train split for seg.convergence.holdout (no held-out part at 0).
+
+    The held-out ids are fixed by the ids alone (wsss.data.splits.split_holdout), the same for every
+    seed and process count; they need ground-truth masks, since they are validated on.
+    """
+    from wsss.data.splits import split_holdout
+
+    if fraction <= 0:
+        return ds, None
+    if not ds.has_masks:
+        raise ConfigError("seg.convergence.holdout: the held-out part is validated on ground-truth masks, and the "
+                          "train split has none; set seg.convergence.holdout=0")
+    if len(ds) < 2:
+        raise ConfigError(f"seg.convergence.holdout: holding out a part needs at least 2 training images, got {len(ds)}")
+    kept, held = split_holdout(ds.ids, fraction)
+    return ds.select(kept), ds.select(held)
+
+
+def validation_plan(cfg: DictConfig, out: Path, class_names: list[str], held: Optional[SegDataset],
+                    keep_best_val: bool) -> tuple[Optional[SegDataset], int, Any]:
+    """(images validated on or None, validate every N epochs, a KeepBestVal callback or None) for train_segmenter.
+
+    With a held-out part (convergence protocol): that part every max(1, seg.val_every) epochs, its best
+    weights kept, stopping seg.convergence.patience epochs after them. Else the val split every
+    seg.val_every epochs for monitoring, or, with keep_best_val, every max(1, seg.val_every) epochs
+    with the best weights kept.
+    """
+    from wsss.engine.trainer import KeepBestVal
+
+    if held is not None:
+        keep = KeepBestVal(out, cfg.seg, class_names, "holdout/miou", "best_holdout", cfg.seg.convergence.patience)
+        return held, max(1, cfg.seg.val_every), keep
+    val_every = max(1, cfg.seg.val_every) if keep_best_val else cfg.seg.val_every
+    val = split_dataset(cfg, cfg.eval.split or cfg.data.val_split) if val_every > 0 else None
+    if val is None or not val.has_masks:
+        return None, 0, None
+    return val, val_every, KeepBestVal(out, cfg.seg, class_names) if keep_best_val else None
+
+
 def train_segmenter(rd: RunDir, out: Path, source: str, pseudo_dir: Optional[Path], pixel_loss: Optional[str] = None,
                     keep_best_val: bool = False, init: Optional[Path] = None) -> dict:
     """Train one segmentation method into `out` (train_seg and every cyclic round); returns its metrics.
@@ -236,51 +278,60 @@ def train_segmenter(rd: RunDir, out: Path, source: str, pseudo_dir: Optional[Pat
     keep_best_val: validate every seg.val_every epochs (>= 1) and export the weights with the best val
     mIoU (PMM's official model selection; it looks at val ground truth). init: a model dir whose
     weights start the network where names and shapes agree (AuxSegNet's warm starts); a resumed
-    checkpoint wins over it.
+    checkpoint wins over it. seg.convergence.holdout > 0 (docs/protocol.md): the held-out part of
+    the train split never trains; it is validated instead of val, training stops when its mIoU has
+    not improved for seg.convergence.patience epochs, and its best weights become the model.
     """
     import lightning as L
     from torch.utils.data import DataLoader
 
     from wsss.data.transforms import InferenceSet, SegmentationSet, collate_list, train_augment
     from wsss.engine.export import export_net, load_shared_weights, load_weights
-    from wsss.engine.trainer import KeepBestVal, build_trainer, configure_threads, fit
+    from wsss.engine.trainer import build_trainer, configure_threads, fit
 
     cfg = rd.cfg
     configure_threads(cfg)
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     ds = with_run_saliency(rd, split_dataset(cfg, cfg.data.train_split))
+    ds, held = holdout_split(ds, cfg.seg.convergence.holdout)  # from here on `ds` is what trains
     module = seg_method(cfg, ds.class_names, loss_spec(cfg, pixel_loss))
     if init is not None:
         log.info("%s: starting from %d tensors of %s", out.name, load_shared_weights(module.net, init), init)
     train_set = SegmentationSet(ds, source, train_augment(cfg.seg, with_masks=True, seed=cfg.trainer.seed), pseudo_dir)
     train_set, cache_metrics = feature_cached(rd, module, train_set)
     loader = module.train_loader(train_set, cfg.seg.batch_size, cfg.trainer.num_workers, cfg.trainer.seed, module.options)
-    val_every = max(1, cfg.seg.val_every) if keep_best_val else cfg.seg.val_every
+    val, val_every, keep = validation_plan(cfg, out, ds.class_names, held, keep_best_val)
     val_loader = None
-    if val_every > 0:
-        val = split_dataset(cfg, cfg.eval.split or cfg.data.val_split)
-        if val.has_masks:
-            val_loader = DataLoader(InferenceSet(val, val.ids, ("image", "mask")), batch_size=1, collate_fn=collate_list,
-                                    num_workers=cfg.trainer.num_workers)
-    keep = KeepBestVal(out, cfg.seg, ds.class_names) if keep_best_val and val_loader is not None else None
-    trainer = build_trainer(cfg, out, cfg.seg.epochs, cfg.seg.max_steps, val_every=val_every if val_loader else 0,
+    if val is not None:
+        val_loader = DataLoader(InferenceSet(val, val.ids, ("image", "mask")), batch_size=1, collate_fn=collate_list,
+                                num_workers=cfg.trainer.num_workers)
+        if held is not None:  # logged apart from val, which the protocol only reports
+            module.val_metric = "holdout/miou"
+    trainer = build_trainer(cfg, out, cfg.seg.epochs, cfg.seg.max_steps, val_every=val_every,
                             steps_per_epoch=len(loader), callbacks=[*module.callbacks(out), *([keep] if keep else [])])
     loss = module.loss_spec
-    log.info("%s: %s %s/%s on %d images, labels=%s, loss=%s%s, %s", out.name, cfg.seg.method, cfg.seg.arch,
+    log.info("%s: %s %s/%s on %d images, labels=%s, loss=%s%s, %s%s", out.name, cfg.seg.method, cfg.seg.arch,
              cfg.seg.encoder.name, len(ds), source, loss.pixel, f" + {loss.regularizer}" if loss.regularizer else "",
-             f"{cfg.seg.max_steps} steps" if cfg.seg.max_steps > 0 else f"{cfg.seg.epochs} epochs")
+             f"{cfg.seg.max_steps} steps" if cfg.seg.max_steps > 0 else f"{cfg.seg.epochs} epochs",
+             f" at most, early stopping on {len(held)} held-out images" if held is not None else "")
+    if held is not None and dist.is_main():  # which images were held out, for the record
+        atomic.write_text(out / "holdout.txt", "".join(f"{sid}\n" for sid in held.ids))
     start = fit(trainer, module, out, loader, val_loader)
     if dist.is_main():
-        if keep is not None and keep.step >= 0:  # best-val weights become the model
+        if keep is not None and keep.step >= 0:  # best-val (or best held-out) weights become the model
             load_weights(module.net, keep.out, "seg", ds.class_names)
         export_net(module.net, out, "seg", cfg.seg, ds.class_names)
     dist.barrier()
     metrics = {"steps": int(trainer.global_step), "resumed_from_step": start, "images": len(ds), "labels": source,
                "loss": loss.pixel + (f"+{loss.regularizer}" if loss.regularizer else ""),
                "final_loss": float(trainer.callback_metrics.get("train/loss", float("nan"))), **cache_metrics}
-    if keep is not None:
+    if held is not None:
+        found = keep.step >= 0
+        metrics.update(holdout_images=len(held), holdout_best_miou=round(keep.best, 4) if found else None,
+                       holdout_best_epoch=keep.epoch if found else None, holdout_best_step=keep.step if found else None,
+                       stopped_at_epoch=int(trainer.current_epoch), stopped_early=bool(keep.stopped_epoch))
+    elif keep is not None:
         metrics.update(selected_step=keep.step, selected_val_miou_uses_gt=round(keep.best, 4) if keep.step >= 0 else None)
     elif "val/miou" in trainer.callback_metrics:
         metrics["last_val_miou_monitor"] = float(trainer.callback_metrics["val/miou"])
     return metrics
-

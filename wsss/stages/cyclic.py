@@ -10,7 +10,9 @@ looks at validation ground truth. `best_val_uses_gt` is what the official script
 (`tools/pick_best_pth.py` keeps the checkpoint with the best *val* mIoU): each round's segmenter is
 validated every `seg.val_every` epochs (1 if unset) and its best-val weights are kept. Numbers
 obtained that way are selected on the evaluation split; say so when quoting them. The first
-segmenter (`seg/`, stage train_seg) always keeps its last weights here.
+segmenter (`seg/`, stage train_seg) always keeps its last weights here. Under the convergence
+protocol (seg.convergence.holdout > 0) every segmenter, `seg/` included, keeps its best weights on
+the held-out part of the train split instead; best_val_uses_gt is then refused.
 
 Per-image work is sharded across torchrun processes and resumes from the first missing mask; a
 round whose model exists is not retrained.

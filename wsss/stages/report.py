@@ -58,7 +58,7 @@ def _run_summary(run_dir: Path) -> dict[str, Any]:
 
 
 def _curves(log_dirs: dict[str, Path]) -> Optional[str]:
-    """Training-loss (and val mIoU) curves from Lightning CSV logs, as an SVG string."""
+    """Training-loss (and val or held-out mIoU) curves from Lightning CSV logs, as an SVG string."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -70,7 +70,7 @@ def _curves(log_dirs: dict[str, Path]) -> Optional[str]:
         if not f.is_file():
             continue
         rows = list(csv.DictReader(f.open()))
-        for key in ("train/loss", "val/miou"):
+        for key in ("train/loss", "val/miou", "holdout/miou"):
             pts = [(int(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
             if pts:
                 series[f"{name}: {key}"] = pts
@@ -78,11 +78,11 @@ def _curves(log_dirs: dict[str, Path]) -> Optional[str]:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
     for label, pts in series.items():
-        ax = axes[1] if label.endswith("val/miou") else axes[0]
+        ax = axes[1] if label.endswith("/miou") else axes[0]
         ax.plot(*zip(*pts), label=label, lw=1.2)
     axes[0].set_title("training loss"), axes[0].set_xlabel("step"), axes[0].legend(fontsize=7)
-    axes[1].set_title("val mIoU (monitor only)"), axes[1].set_xlabel("step")
-    if any(k.endswith("val/miou") for k in series):
+    axes[1].set_title("mIoU (val: monitor only; holdout: early stopping)"), axes[1].set_xlabel("step")
+    if any(k.endswith("/miou") for k in series):
         axes[1].legend(fontsize=7)
     else:
         axes[1].text(0.5, 0.5, "not logged (seg.val_every = 0)", ha="center", va="center", transform=axes[1].transAxes)

@@ -3,6 +3,9 @@
 `seg.labels` picks the target (pseudo | gt | scribble), `seg.loss.name` the pixel loss (ce, puf, pce)
 and `seg.loss.regularizer` an optional regulariser (densecrf, dfr, ...). Writes `seg/model.safetensors` (+ model.json), checkpoints and logs.
 Validation mIoU (seg.val_every > 0) is logged for monitoring only; the exported model is the last one.
+Under the convergence protocol (seg.convergence.holdout > 0, docs/protocol.md) a fixed part of the
+train split is held out of training instead: training stops when its mIoU stops improving and the
+weights with its best mIoU are exported.
 
 `train_segmenter` is also what each PMM cyclic round runs (stage cyclic, through stages/common.py).
 """
