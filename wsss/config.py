@@ -169,6 +169,7 @@ class FeatureCacheConfig:
 
     enabled: str = "auto"  # auto (on when the encoder is wholly frozen, no colour jitter, and the method can) | true | false
     scales: list[float] = field(default_factory=list)  # cached view scales; [] = 3 evenly spaced over seg.scale_range
+    root: str = ""  # where caches live ("" = <run>/feature_cache); keyed, so runs of one data set can share a root
 
 
 @dataclass

@@ -215,10 +215,11 @@ def feature_cached(rd: RunDir, module: Any, targets: Any) -> tuple[Any, dict]:
         return targets, {}
     d = rd.cfg.data
     meta = {"encoder": seg.encoder.name, "weights": weights_identity(seg.encoder.weights),
-            "output_stride": seg.encoder.output_stride, "dataset": d.dataset, "root": str(d.root),
+            "output_stride": seg.encoder.output_stride, "dataset": d.dataset, "root": str(Path(d.root).expanduser().resolve()) if d.root else "",
             "split": d.train_split, "max_pixels": d.max_pixels, "image_mode": d.image_mode,
             "views": layout.views(), "levels": levels}
-    cache_dir = rd.sub("feature_cache", cache_key(meta))
+    root = Path(seg.feature_cache.root).expanduser() if seg.feature_cache.root else rd.sub("feature_cache")
+    cache_dir = root / cache_key(meta)
     device = inference_device(rd.cfg)
     module.to(device)
     stats = fill_feature_cache(encoder, module.norm, targets.base, targets.base.ids, cache_dir, layout, meta, device,
@@ -228,7 +229,8 @@ def feature_cached(rd: RunDir, module: Any, targets: Any) -> tuple[Any, dict]:
              stats["images"], len(layout.views()), list(levels), stats["megabytes"], cache_dir, stats["computed"],
              stats["seconds"])
     cached = CachedFeatureSet(targets, cache_dir, layout, seg.crop_size, rd.cfg.trainer.seed)
-    return cached, {"feature_cache": {"dir": str(cache_dir.relative_to(rd.path)), "views": len(layout.views()), **stats}}
+    where = str(cache_dir.relative_to(rd.path)) if cache_dir.is_relative_to(rd.path) else str(cache_dir)
+    return cached, {"feature_cache": {"dir": where, "views": len(layout.views()), **stats}}
 
 
 def holdout_split(ds: SegDataset, fraction: float) -> tuple[SegDataset, Optional[SegDataset]]:
