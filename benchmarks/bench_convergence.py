@@ -53,8 +53,8 @@ def run_row(name: str, recipe: str, overrides: list[str], seed: int, args: argpa
     stages = json.loads(manifest.read_text())["stages"]
     train = stages["train_seg"]["metrics"]
     return {"val": 100 * stages["evaluate"]["metrics"]["miou"], "seconds": stages["train_seg"]["seconds"],
-            "heldout": 100 * train["best_heldout_miou"] if train.get("best_heldout_miou") is not None else float("nan"),
-            "best_epoch": train.get("best_epoch", "-"), "stopped_epoch": train.get("stopped_epoch", "-"),
+            "heldout": 100 * train["holdout_best_miou"] if train.get("holdout_best_miou") is not None else float("nan"),
+            "best_epoch": train.get("holdout_best_epoch", "-"), "stopped_epoch": train.get("stopped_at_epoch", "-"),
             "steps": train["steps"]}
 
 
