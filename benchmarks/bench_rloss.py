@@ -16,8 +16,8 @@ Parts (markdown tables on stdout):
     nice -n 10 python benchmarks/bench_rloss.py --part calib
     nice -n 10 python benchmarks/bench_rloss.py --part speed --rounds 5 --threads 1
 
-The regularisers are attached to a pCE SegModule directly (the recipe key `seg.loss.regularizer` that
-selects them arrives with the registry of issue 11); the weights are the voc12mini recipes'.
+The regularisers (as `seg.loss.regularizer` builds them) are attached to the pCE recipe's segmenter;
+the weights are the voc12mini recipes'.
 """
 
 from __future__ import annotations
@@ -108,10 +108,10 @@ def _regularizers() -> dict:
     from omegaconf import OmegaConf
 
     from wsss.config import load_recipe
-    from wsss.losses.kernelcut_loss import KernelCutOptions, KernelCutRegularizer
-    from wsss.losses.ncut_loss import NCutOptions, NCutRegularizer
-    from wsss.losses.potts_loss import PottsOptions, PottsRegularizer
-    from wsss.losses.regularized import DenseCRFRegularizer
+    from wsss.losses.kernelcut_loss import KernelCutOptions, kernelcut
+    from wsss.losses.ncut_loss import NCutOptions, ncut
+    from wsss.losses.potts_loss import PottsOptions, potts
+    from wsss.losses.regularized import densecrf
 
     def opts(name: str) -> dict:  # read as YAML: the recipe key seg.loss.regularizer is not in the schema yet
         return yaml.safe_load((REPO / "configs" / f"voc12mini_scribble_{name}.yaml").read_text())["seg"]["loss"][name]
@@ -120,16 +120,16 @@ def _regularizers() -> dict:
     kc = opts("kernelcut")
     return {
         "pCE": None,
-        "pCE + DenseCRF loss": DenseCRFRegularizer(OmegaConf.to_object(cfg.seg.loss.densecrf)),
-        "pCE + normalized cut": NCutRegularizer(NCutOptions(**opts("ncut"))),
-        "pCE + grid Potts (8-nb)": PottsRegularizer(PottsOptions(**opts("potts"))),
-        "pCE + kernel cut": KernelCutRegularizer(KernelCutOptions(NCutOptions(**kc["ncut"]), PottsOptions(**kc["potts"]))),
+        "pCE + DenseCRF loss": densecrf(OmegaConf.to_object(cfg.seg.loss.densecrf)),
+        "pCE + normalized cut": ncut(NCutOptions(**opts("ncut"))),
+        "pCE + grid Potts (8-nb)": potts(PottsOptions(**opts("potts"))),
+        "pCE + kernel cut": kernelcut(KernelCutOptions(NCutOptions(**kc["ncut"]), PottsOptions(**kc["potts"]))),
     }
 
 
 def part_speed(args: argparse.Namespace) -> None:
     from wsss.config import load_recipe
-    from wsss.engine.modules import SegModule
+    from wsss.stages.common import loss_spec, seg_method
 
     cfg = load_recipe(REPO / "configs" / "voc12mini_scribble_pce.yaml",
                       [f"data.root={VOC}", f"seg.batch_size={args.batch}", f"seg.crop_size={args.crop}"])
@@ -137,8 +137,8 @@ def part_speed(args: argparse.Namespace) -> None:
     mods, opts = {}, {}
     for name, reg in _regularizers().items():
         torch.manual_seed(0)
-        m = SegModule(cfg, 21, [str(i) for i in range(21)])
-        m.regularizer = reg  # what `seg.loss.regularizer: <name>` will select after the registry merge
+        m = seg_method(cfg, [str(i) for i in range(21)], loss_spec(cfg))
+        m.regularizer = reg  # what `seg.loss.regularizer: <name>` selects
         m.log = lambda *a, **k: None  # no trainer attached
         m.train()
         mods[name] = m

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from wsss.losses.densecrf_loss import dense_bilateral_filter
-from wsss.losses.kernelcut_loss import KernelCutLoss, KernelCutOptions, KernelCutRegularizer, build_kernelcut
-from wsss.losses.ncut_loss import NCutLoss, NCutOptions, NCutRegularizer, _NCutFunction, ncut_loss
-from wsss.losses.potts_loss import PottsLoss, PottsOptions, PottsRegularizer, grid_weights, potts_loss
+from wsss.losses.kernelcut_loss import KernelCutLoss, KernelCutOptions, build_kernelcut, kernelcut
+from wsss.losses.ncut_loss import NCutLoss, NCutOptions, _NCutFunction, ncut, ncut_loss
+from wsss.losses.potts_loss import PottsLoss, PottsOptions, grid_weights, potts, potts_loss
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -246,9 +246,9 @@ def test_kernelcut_is_weighted_sum_and_regularizers_report_parts() -> None:
     assert opts.potts.weight == pytest.approx(0.5 * PottsOptions().weight)
     # full resolution here: rloss's bilinear downscaling (scale 0.5) mixes padding into border cells of 7 px
     opts.ncut.scale = 1.0
-    for reg, keys in ((NCutRegularizer(NCutOptions(scale=1.0)), {"ncut_loss"}),
-                      (PottsRegularizer(PottsOptions()), {"potts_loss"}),
-                      (KernelCutRegularizer(opts), {"kernelcut_loss", "ncut_loss", "potts_loss"})):
+    for reg, keys in ((ncut(NCutOptions(scale=1.0)), {"ncut_loss"}),
+                      (potts(PottsOptions()), {"potts_loss"}),
+                      (kernelcut(opts), {"kernelcut_loss", "ncut_loss", "potts_loss"})):
         loss, parts = reg(out, batch, 0)
         assert set(parts) == keys and loss.ndim == 0 and torch.isfinite(loss)
         (g,) = torch.autograd.grad(loss, out["logits"])
@@ -274,9 +274,9 @@ def test_recipes_options_build_the_losses() -> None:
     from wsss.config import CONFIG_DIR
 
     for data in ("shapes", "voc12mini", "voc12"):
-        for name, make in (("ncut", lambda d: NCutRegularizer(NCutOptions(**d))),
-                           ("potts", lambda d: PottsRegularizer(PottsOptions(**d))),
-                           ("kernelcut", lambda d: KernelCutRegularizer(
+        for name, make in (("ncut", lambda d: ncut(NCutOptions(**d))),
+                           ("potts", lambda d: potts(PottsOptions(**d))),
+                           ("kernelcut", lambda d: kernelcut(
                                KernelCutOptions(NCutOptions(**d["ncut"]), PottsOptions(**d["potts"]))))):
             loss = yaml.safe_load((CONFIG_DIR / f"{data}_scribble_{name}.yaml").read_text())["seg"]["loss"]
             assert loss["name"] == "pce" and loss["regularizer"] == name

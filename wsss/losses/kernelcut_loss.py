@@ -48,24 +48,12 @@ def build_kernelcut(opts: KernelCutOptions) -> KernelCutLoss:
     return KernelCutLoss(build_ncut(opts.ncut), build_potts(opts.potts))
 
 
-class KernelCutRegularizer(nn.Module):
-    """pCE + kernel cut loss (`seg.loss.regularizer: kernelcut`): reg(out, batch, step) -> (loss, parts)."""
-
-    needs_features = False
-
-    def __init__(self, options: Optional[KernelCutOptions] = None):
-        super().__init__()
-        self.kernelcut = build_kernelcut(options or KernelCutOptions())
-
-    def forward(self, out: dict[str, Tensor], batch: dict[str, Any], step: int) -> tuple[Tensor, dict[str, Tensor]]:
-        loss, nc, grid = self.kernelcut(out["logits"].softmax(1), batch["image"], batch.get("roi"))
-        return loss, {"kernelcut_loss": loss.detach(), "ncut_loss": nc.detach(), "potts_loss": grid.detach()}
-
-
-__all__ = ["KernelCutLoss", "KernelCutOptions", "KernelCutRegularizer", "build_kernelcut"]
+__all__ = ["KernelCutLoss", "KernelCutOptions", "build_kernelcut"]
 
 
 @REGULARIZERS.register("kernelcut", options=KernelCutOptions)
 def kernelcut(options: KernelCutOptions, context: Any = None) -> nn.Module:
     """The kernel cut loss (normalized cut + grid Potts) as a regulariser (`seg.loss.regularizer: kernelcut`)."""
-    return KernelCutRegularizer(options)
+    from wsss.losses.regularized import ProbabilityRegularizer
+
+    return ProbabilityRegularizer(build_kernelcut(options), ("kernelcut_loss", "ncut_loss", "potts_loss"))

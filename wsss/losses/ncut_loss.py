@@ -103,24 +103,12 @@ def build_ncut(opts: NCutOptions) -> NCutLoss:
     return NCutLoss(opts.weight, opts.sigma_rgb, opts.sigma_xy, opts.scale, eps=opts.eps)
 
 
-class NCutRegularizer(nn.Module):
-    """pCE + normalized-cut loss (`seg.loss.regularizer: ncut`): reg(out, batch, step) -> (loss, parts)."""
-
-    needs_features = False
-
-    def __init__(self, options: Optional[NCutOptions] = None):
-        super().__init__()
-        self.ncut = build_ncut(options or NCutOptions())
-
-    def forward(self, out: dict[str, Tensor], batch: dict[str, Any], step: int) -> tuple[Tensor, dict[str, Tensor]]:
-        loss = self.ncut(out["logits"].softmax(1), batch["image"], batch.get("roi"))
-        return loss, {"ncut_loss": loss.detach()}
-
-
-__all__ = ["NCutLoss", "NCutOptions", "NCutRegularizer", "build_ncut", "ncut_loss"]
+__all__ = ["NCutLoss", "NCutOptions", "build_ncut", "ncut_loss"]
 
 
 @REGULARIZERS.register("ncut", options=NCutOptions)
 def ncut(options: NCutOptions, context: Any = None) -> nn.Module:
     """The normalized-cut loss (Tang et al., CVPR 2018) as a regulariser (`seg.loss.regularizer: ncut`)."""
-    return NCutRegularizer(options)
+    from wsss.losses.regularized import ProbabilityRegularizer
+
+    return ProbabilityRegularizer(build_ncut(options), ("ncut_loss",))

@@ -159,24 +159,12 @@ def build_potts(opts: PottsOptions) -> PottsLoss:
     return PottsLoss(opts.weight, opts.neighbours, opts.sigma_rgb, opts.relaxation, opts.scale)
 
 
-class PottsRegularizer(nn.Module):
-    """pCE + grid-CRF loss (`seg.loss.regularizer: potts`): reg(out, batch, step) -> (loss, parts)."""
-
-    needs_features = False
-
-    def __init__(self, options: Optional[PottsOptions] = None):
-        super().__init__()
-        self.potts = build_potts(options or PottsOptions())
-
-    def forward(self, out: dict[str, Tensor], batch: dict[str, Any], step: int) -> tuple[Tensor, dict[str, Tensor]]:
-        loss = self.potts(out["logits"].softmax(1), batch["image"], batch.get("roi"))
-        return loss, {"potts_loss": loss.detach()}
-
-
-__all__ = ["PottsLoss", "PottsOptions", "PottsRegularizer", "build_potts", "grid_filter", "grid_weights", "potts_loss"]
+__all__ = ["PottsLoss", "PottsOptions", "build_potts", "grid_filter", "grid_weights", "potts_loss"]
 
 
 @REGULARIZERS.register("potts", options=PottsOptions)
 def potts(options: PottsOptions, context: Any = None) -> nn.Module:
     """The grid-CRF (nearest-neighbour Potts) loss as a regulariser (`seg.loss.regularizer: potts`)."""
-    return PottsRegularizer(options)
+    from wsss.losses.regularized import ProbabilityRegularizer
+
+    return ProbabilityRegularizer(build_potts(options), ("potts_loss",))

@@ -34,18 +34,23 @@ def _densecrf(o: DenseCRFLossOptions) -> DenseCRFLoss:
     return DenseCRFLoss(o.weight, o.sigma_rgb, o.sigma_xy, o.scale)
 
 
-class DenseCRFRegularizer(nn.Module):
-    """pCE + DenseCRF loss: the rloss recipe."""
+class ProbabilityRegularizer(nn.Module):
+    """pCE + a loss of the softmax alone, `loss(probs (N, C, H, W), image (N, 3, H, W), roi (N, H, W))`: the
+    DenseCRF loss (the rloss recipe), the normalized cut, the grid Potts and the kernel cut losses.
+
+    parts: the logged names of what the loss returns, one scalar or a tuple (total, part, ...).
+    """
 
     needs_features = False
 
-    def __init__(self, options: DenseCRFLossOptions):
+    def __init__(self, loss: nn.Module, parts: tuple[str, ...]):
         super().__init__()
-        self.crf = _densecrf(options)
+        self.loss, self.parts = loss, parts
 
     def forward(self, out: dict[str, Tensor], batch: dict[str, Any], step: int) -> tuple[Tensor, dict[str, Tensor]]:
-        loss = self.crf(out["logits"].softmax(1), batch["image"], batch.get("roi"))
-        return loss, {"densecrf_loss": loss.detach()}
+        value = self.loss(out["logits"].softmax(1), batch["image"], batch.get("roi"))
+        values = value if isinstance(value, tuple) else (value,)
+        return values[0], {name: v.detach() for name, v in zip(self.parts, values)}
 
 
 class DFRRegularizer(nn.Module):
@@ -74,9 +79,9 @@ class DFRRegularizer(nn.Module):
 
 
 @REGULARIZERS.register("densecrf", options=DenseCRFLossOptions)
-def densecrf(options: DenseCRFLossOptions, context: RegularizerContext) -> nn.Module:
+def densecrf(options: DenseCRFLossOptions, context: Any = None) -> nn.Module:
     """The DenseCRF loss (Tang et al. 2018)."""
-    return DenseCRFRegularizer(options)
+    return ProbabilityRegularizer(_densecrf(options), ("densecrf_loss",))
 
 
 @REGULARIZERS.register("dfr", options=DFROptions, uses=("densecrf",))
@@ -102,4 +107,4 @@ def build_regularizer(name: str, options: Any, context: RegularizerContext) -> n
     return REGULARIZERS.get(name)(options if options is not None or opts is None else opts(), context)
 
 
-__all__ = ["DenseCRFRegularizer", "DFRRegularizer", "RegularizerContext", "build_regularizer", "decoder_channels"]
+__all__ = ["DFRRegularizer", "ProbabilityRegularizer", "RegularizerContext", "build_regularizer", "decoder_channels"]
