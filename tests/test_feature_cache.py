@@ -212,3 +212,20 @@ def test_two_processes_share_the_fill_and_train_on_it(tmp_path):
     assert metrics["feature_cache"]["computed"] == 8 and metrics["feature_cache"]["images"] == 8
     assert metrics["steps"] == 2
     assert len([p for p in (tmp_path / "ddp" / metrics["feature_cache"]["dir"]).iterdir() if p.is_dir()]) == 8
+
+
+def test_ids_with_subfolders_are_cached(shapes_ds, tmp_path):
+    """Folder data sets name images by their path (farm/cow_01); the cache keeps that layout."""
+    class Renamed:
+        ids = ["farm/cow_01", "cow_01"]
+
+        def load(self, sid, parts):
+            return {"id": sid, "image": shapes_ds.load(shapes_ds.ids[0], ("image",))["image"]}
+
+    method = segmenter()
+    layout = layout_of(method, scales=(1.0,), flips=(False,))
+    stats = fill_feature_cache(method.cacheable_encoder(), method.norm, Renamed(), Renamed.ids, tmp_path, layout, {},
+                               torch.device("cpu"))
+    assert stats["computed"] == 2 and level_file(tmp_path / "farm" / "cow_01", 1.0, False, 5).is_file()
+    np.testing.assert_array_equal(np.load(level_file(tmp_path / "farm" / "cow_01", 1.0, False, 5)),
+                                  np.load(level_file(tmp_path / "cow_01", 1.0, False, 5)))

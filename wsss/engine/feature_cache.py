@@ -110,11 +110,12 @@ def fill_feature_cache(encoder: nn.Module, normalize: Callable[[torch.Tensor], t
     bar = tqdm(total=len(todo), desc="feature cache", disable=None if dist.is_main() else True, leave=False)
     for (sample,) in loader:
         sid = sample["id"]
-        tmp = cache_dir / f".tmp-{sid}-{os.getpid()}"
+        tmp = cache_dir / f".tmp-{sid.replace('/', '__')}-{os.getpid()}"  # ids may name subfolders (folder data sets)
         tmp.mkdir(parents=True, exist_ok=True)
         for (scale, flipped, level), cells in image_views(encoder, normalize, sample["image"], layout, device,
                                                          channels_last).items():
             np.save(level_file(tmp, scale, flipped, level), cells)
+        (cache_dir / sid).parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, cache_dir / sid)  # the image appears whole or not at all
         bar.update(1)
     bar.close()
