@@ -10,12 +10,14 @@ over several sessions.
     nice -n 10 python benchmarks/bench_convergence.py --table scribbles --rows pce densecrf --seeds 0
 
 Prints one line per run as it finishes, then the table: val mIoU mean +- sample std over seeds, the best
-held-out mIoU, the epoch it came from, and where training stopped.
+held-out mIoU, the epoch it came from, and where training stopped. `--progress` runs nothing and prints
+the held-out mIoU per epoch of the runs so far (finished or not) from their logs.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import statistics
 import subprocess
@@ -58,6 +60,27 @@ def run_row(name: str, recipe: str, overrides: list[str], seed: int, args: argpa
             "steps": train["steps"]}
 
 
+def progress(args: argparse.Namespace, rows: dict) -> None:
+    """Held-out mIoU per epoch of every run of the table so far, read from its metrics.csv."""
+    print("| run | epochs | held-out mIoU by epoch (%) | best (epoch) | status |")
+    print("|---|---|---|---|---|")
+    for seed in args.seeds:
+        for name in rows:
+            run = Path(args.out) / f"{args.table}_{name}_s{seed}"
+            log = run / "seg" / "logs" / "metrics.csv"
+            if not log.is_file():
+                continue
+            with open(log) as f:
+                curve = [float(r["holdout/miou"]) * 100 for r in csv.DictReader(f) if r.get("holdout/miou")]
+            if not curve:
+                continue
+            stages = json.loads((run / "manifest.json").read_text())["stages"]
+            status = "evaluated" if stages.get("evaluate", {}).get("status") == "done" else stages["train_seg"]["status"]
+            best = max(range(len(curve)), key=curve.__getitem__)
+            print(f"| {run.name} | {len(curve)} | {' '.join(f'{v:.1f}' for v in curve)} | {curve[best]:.2f} ({best + 1}) | "
+                  f"{status} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--table", choices=sorted(TABLES), default="scribbles")
@@ -67,8 +90,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(REPO / "runs" / "bench_convergence"))
     p.add_argument("--set", nargs="*", default=[], help="extra overrides for every row")
+    p.add_argument("--progress", action="store_true", help="run nothing; print the held-out curves so far")
     args = p.parse_args()
     rows = {k: v for k, v in TABLES[args.table].items() if args.rows is None or k in args.rows}
+    if args.progress:
+        return progress(args, rows)
     results: dict[str, list[dict]] = {k: [] for k in rows}
     print("| row | seed | val mIoU | best held-out mIoU | best epoch | stopped at epoch | steps | train_seg s |")
     print("|---|---|---|---|---|---|---|---|")
