@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -167,6 +168,14 @@ def test_fill_resumes_after_an_interruption(shapes_ds, tmp_path, monkeypatch):
     stats = fill_feature_cache(method.cacheable_encoder(), method.norm, shapes_ds, shapes_ds.ids, tmp_path, layout,
                                {}, torch.device("cpu"))
     assert stats["computed"] == 2 and not list(tmp_path.glob(".tmp-*"))
+    # a temporary of a live process (another run filling a shared cache root) is left alone
+    import socket
+
+    live = tmp_path / f".tmp-{socket.gethostname()}-other-{os.getpid()}"
+    live.mkdir()
+    fill_feature_cache(method.cacheable_encoder(), method.norm, shapes_ds, shapes_ds.ids, tmp_path, layout, {},
+                       torch.device("cpu"))
+    assert live.is_dir()
     assert json.loads((tmp_path / "meta.json").read_text())["layout"]["levels"] == [2, 5]
 
 

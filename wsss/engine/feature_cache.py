@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -98,8 +99,9 @@ def fill_feature_cache(encoder: nn.Module, normalize: Callable[[torch.Tensor], t
     cache_dir.mkdir(parents=True, exist_ok=True)
     if dist.is_main():
         write_json(cache_dir / "meta.json", {**meta, "layout": layout.__dict__})
-        for stale in cache_dir.glob(".tmp-*"):  # a killed fill's half-written image
-            shutil.rmtree(stale, ignore_errors=True)
+        for stale in cache_dir.glob(f".tmp-{socket.gethostname()}-*"):  # a killed fill's half-written image
+            if not _alive(int(stale.name.rsplit("-", 1)[1])):  # not another run filling a shared root
+                shutil.rmtree(stale, ignore_errors=True)
     dist.barrier()
     todo = [sid for sid in dist.shard(list(ids)) if not (cache_dir / sid).is_dir()]
     modes = {m: m.training for m in encoder.modules()}  # restored one by one: frozen BatchNorm stays in eval
@@ -110,13 +112,19 @@ def fill_feature_cache(encoder: nn.Module, normalize: Callable[[torch.Tensor], t
     bar = tqdm(total=len(todo), desc="feature cache", disable=None if dist.is_main() else True, leave=False)
     for (sample,) in loader:
         sid = sample["id"]
-        tmp = cache_dir / f".tmp-{sid.replace('/', '__')}-{os.getpid()}"  # ids may name subfolders (folder data sets)
+        # host and pid in the name: runs sharing a cache root (seg.feature_cache.root) never touch each other's
+        tmp = cache_dir / f".tmp-{socket.gethostname()}-{sid.replace('/', '__')}-{os.getpid()}"
         tmp.mkdir(parents=True, exist_ok=True)
         for (scale, flipped, level), cells in image_views(encoder, normalize, sample["image"], layout, device,
                                                          channels_last).items():
             np.save(level_file(tmp, scale, flipped, level), cells)
         (cache_dir / sid).parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, cache_dir / sid)  # the image appears whole or not at all
+        try:
+            os.replace(tmp, cache_dir / sid)  # the image appears whole or not at all
+        except OSError:
+            if not (cache_dir / sid).is_dir():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another run sharing the root finished it first
         bar.update(1)
     bar.close()
     for m, training in modes.items():
@@ -129,6 +137,17 @@ def fill_feature_cache(encoder: nn.Module, normalize: Callable[[torch.Tensor], t
         raise RuntimeError(f"feature cache: {len(missing)} images missing after the fill (e.g. {missing[0]})")
     size = sum(f.stat().st_size for f in cache_dir.rglob("*.npy"))
     return {"images": len(ids), "computed": computed, "seconds": round(seconds, 2), "megabytes": round(size / 2**20, 1)}
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process of this machine with this pid is running."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def cacheable_encoder(net: nn.Module) -> Optional[nn.Module]:
