@@ -23,7 +23,6 @@ the weights are the voc12mini recipes'.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -134,36 +133,15 @@ def part_speed(args: argparse.Namespace) -> None:
     cfg = load_recipe(REPO / "configs" / "voc12mini_scribble_pce.yaml",
                       [f"data.root={VOC}", f"seg.batch_size={args.batch}", f"seg.crop_size={args.crop}"])
     batch = bs._speed_batch(cfg, args.batch)
-    mods, opts = {}, {}
+    mods = {}
     for name, reg in _regularizers().items():
         torch.manual_seed(0)
         m = seg_method(cfg, [str(i) for i in range(21)], loss_spec(cfg))
         m.regularizer = reg  # what `seg.loss.regularizer: <name>` selects
-        m.log = lambda *a, **k: None  # no trainer attached
-        m.train()
         mods[name] = m
-        opts[name] = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
-    times: dict[str, list[float]] = {k: [] for k in mods}
-
-    def step(name: str) -> float:
-        m, opt = mods[name], opts[name]
-        t0 = time.perf_counter()
-        loss = m.training_step(batch, 0)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - t0
-
-    for name in mods:  # warm-up
-        step(name)
-    for _ in range(args.rounds):  # interleaved
-        for name in mods:
-            times[name].append(step(name))
+    times = bs.interleaved_step_times(mods, batch, args.rounds)
     base = statistics.median(times["pCE"])
-    print(f"\n## Training step time, batch {args.batch}, {args.crop}x{args.crop}, real VOC crops (simulated scribbles)\n")
-    print(f"Network: {cfg.seg.arch} / {cfg.seg.encoder.name} (voc12mini recipes), torch threads {torch.get_num_threads()}, "
-          f"{args.rounds} interleaved rounds after one warm-up step each; load average at the end {os.getloadavg()[0]:.1f} "
-          f"on {os.cpu_count()} cores.\n")
+    bs.print_speed_header(cfg, args)
     # Overheads three ways: medians, minima (least disturbed by the load), and the median over rounds of
     # the ratio to the pCE step of the same round (paired: a load change hits both steps of a round).
     print("| variant | median s/step | min | max | vs pCE (medians) | vs pCE (minima) | vs pCE (median paired ratio) |")

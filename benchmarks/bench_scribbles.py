@@ -27,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -189,26 +190,15 @@ def _speed_batch(cfg, n: int) -> dict[str, torch.Tensor]:
     return next(iter(loader))
 
 
-def part_speed(args: argparse.Namespace) -> None:
-    from wsss.config import load_recipe
-    from wsss.stages.common import loss_spec, seg_method
-
-    common = [f"data.root={VOC}", f"seg.batch_size={args.batch}", f"seg.crop_size={args.crop}"]
-    variants = {"pCE": "voc12mini_scribble_pce.yaml", "pCE + DenseCRF loss": "voc12mini_scribble_densecrf.yaml",
-                "DFR (pCE + DenseCRF + deep kernel + head)": "voc12mini_scribble_dfr.yaml"}
-    mods, opts = {}, {}
-    batch = None
-    for name, recipe in variants.items():
-        cfg = load_recipe(REPO / "configs" / recipe, common)
-        if batch is None:
-            batch = _speed_batch(cfg, args.batch)
-        torch.manual_seed(0)
-        m = seg_method(cfg, [str(i) for i in range(21)], loss_spec(cfg))
+def interleaved_step_times(mods: dict, batch: dict, rounds: int) -> dict[str, list[float]]:
+    """Seconds per training step (forward, backward, SGD step) of each module on one batch: one warm-up
+    step each (allocator, lattice code paths), then `rounds` rounds interleaved, so that load changes on
+    the shared machine hit all variants alike."""
+    opts = {}
+    for name, m in mods.items():
         m.log = lambda *a, **k: None  # no trainer attached
         m.train()
-        params = [p for p in m.parameters() if p.requires_grad]
-        mods[name], opts[name] = m, torch.optim.SGD(params, lr=1e-4, momentum=0.9)
-    times: dict[str, list[float]] = {k: [] for k in variants}
+        opts[name] = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
 
     def step(name: str) -> float:
         m, opt = mods[name], opts[name]
@@ -219,16 +209,42 @@ def part_speed(args: argparse.Namespace) -> None:
         opt.zero_grad(set_to_none=True)
         return time.perf_counter() - t0
 
-    for name in variants:  # warm-up (allocator, lattice code paths)
+    times: dict[str, list[float]] = {k: [] for k in mods}
+    for name in mods:
         step(name)
-    for r in range(args.rounds):  # interleaved, so load changes on the shared machine hit all variants alike
-        for name in variants:
+    for _ in range(rounds):
+        for name in mods:
             times[name].append(step(name))
-    base = statistics.median(times["pCE"])
+    return times
+
+
+def print_speed_header(cfg: Any, args: argparse.Namespace) -> None:
+    """The speed table's title and setting line (network, threads, rounds, load)."""
     print(f"\n## Training step time, batch {args.batch}, {args.crop}x{args.crop}, real VOC crops (simulated scribbles)\n")
     print(f"Network: {cfg.seg.arch} / {cfg.seg.encoder.name} (voc12mini recipes), torch threads {torch.get_num_threads()}, "
           f"{args.rounds} interleaved rounds after one warm-up step each; load average at the end {os.getloadavg()[0]:.1f} "
           f"on {os.cpu_count()} cores.\n")
+
+
+def part_speed(args: argparse.Namespace) -> None:
+    from wsss.config import load_recipe
+    from wsss.stages.common import loss_spec, seg_method
+
+    common = [f"data.root={VOC}", f"seg.batch_size={args.batch}", f"seg.crop_size={args.crop}"]
+    variants = {"pCE": "voc12mini_scribble_pce.yaml", "pCE + DenseCRF loss": "voc12mini_scribble_densecrf.yaml",
+                "DFR (pCE + DenseCRF + deep kernel + head)": "voc12mini_scribble_dfr.yaml"}
+    mods = {}
+    batch = None
+    for name, recipe in variants.items():
+        cfg = load_recipe(REPO / "configs" / recipe, common)
+        if batch is None:
+            batch = _speed_batch(cfg, args.batch)
+        torch.manual_seed(0)
+        m = seg_method(cfg, [str(i) for i in range(21)], loss_spec(cfg))
+        mods[name] = m
+    times = interleaved_step_times(mods, batch, args.rounds)
+    base = statistics.median(times["pCE"])
+    print_speed_header(cfg, args)
     print("| variant | median s/step | min | max | vs pCE |")
     print("|---|---|---|---|---|")
     for name, ts in times.items():
