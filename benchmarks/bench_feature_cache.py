@@ -38,15 +38,14 @@ def _module_and_sets(recipe: str, data: Path, cache_dir: Path, images: int):
     from wsss.config import load_recipe
     from wsss.data.transforms import SegmentationSet, train_augment
     from wsss.stages.common import loss_spec, seg_method, split_dataset
-    from wsss.data.feature_crops import CacheLayout, CachedFeatureSet, default_scales
-    from wsss.engine.feature_cache import fill_feature_cache, probe_levels
+    from wsss.data.feature_crops import CachedFeatureSet
+    from wsss.engine.feature_cache import cache_layout, fill_feature_cache
 
     cfg = load_recipe(REPO / "configs" / recipe, [f"data.root={data}", f"data.max_images={images}"])
     ds = split_dataset(cfg, cfg.data.train_split)
     module = seg_method(cfg, ds.class_names, loss_spec(cfg))
     images_set = SegmentationSet(ds, cfg.seg.labels, train_augment(cfg.seg, with_masks=True, seed=0))
-    count, levels, strides = probe_levels(module)
-    layout = CacheLayout(count, levels, strides, default_scales(tuple(cfg.seg.scale_range)), (False, True))
+    layout = cache_layout(module, cfg.seg.feature_cache.scales, cfg.seg.scale_range, cfg.seg.hflip)
     start = time.perf_counter()
     fill_feature_cache(module.cacheable_encoder(), module.norm, ds, ds.ids, cache_dir, layout, {}, torch.device("cpu"),
                        channels_last=module.channels_last)

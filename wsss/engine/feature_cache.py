@@ -31,7 +31,7 @@ from torch import nn
 from tqdm import tqdm
 
 from wsss.data.base import SegDataset
-from wsss.data.feature_crops import CacheLayout, level_file, view_image
+from wsss.data.feature_crops import CacheLayout, default_scales, level_file, view_image
 from wsss.data.transforms import InferenceSet, collate_list, to_tensor_image
 from wsss.engine import dist
 from wsss.io.atomic import write_json
@@ -58,6 +58,14 @@ def probe_levels(method: nn.Module, size: int = 128) -> tuple[int, tuple[int, ..
             used.append(i)
     method.train(was_training)
     return len(features), tuple(used), tuple(round(size / features[i].shape[-2]) for i in used)
+
+
+def cache_layout(method: nn.Module, scales: Sequence[float], scale_range: Sequence[float], hflip: bool) -> CacheLayout:
+    """What to cache for a method: the levels its network reads (`probe_levels`), for every view of `scales`
+    (empty: 3 evenly spaced over the training `scale_range`), mirrored too when training flips."""
+    count, levels, strides = probe_levels(method)
+    views = tuple(scales) or default_scales(tuple(scale_range))
+    return CacheLayout(count, levels, strides, views, (False, True) if hflip else (False,))
 
 
 def cache_key(parts: dict[str, Any]) -> str:

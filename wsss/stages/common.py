@@ -188,8 +188,8 @@ def stage_main(stage: str, run_fn: Callable[[RunDir], Any], description: str) ->
 def feature_cached(rd: RunDir, module: Any, targets: Any) -> tuple[Any, dict]:
     """`targets` (a SegmentationSet) read from the frozen encoder's feature cache when seg.feature_cache
     allows it (the cache filled first), else unchanged; plus the cache's metrics ({} when off)."""
-    from wsss.data.feature_crops import CacheLayout, CachedFeatureSet, default_scales
-    from wsss.engine.feature_cache import cache_key, fill_feature_cache, probe_levels, weights_identity
+    from wsss.data.feature_crops import CachedFeatureSet
+    from wsss.engine.feature_cache import cache_key, cache_layout, fill_feature_cache, weights_identity
     from wsss.errors import ConfigError
 
     seg = rd.cfg.seg
@@ -203,9 +203,7 @@ def feature_cached(rd: RunDir, module: Any, targets: Any) -> tuple[Any, dict]:
     elif seg.color_jitter > 0:
         reason = "seg.color_jitter > 0 changes the images at every epoch"
     if not reason:
-        count, levels, strides = probe_levels(module)
-        scales = tuple(seg.feature_cache.scales) or default_scales(tuple(seg.scale_range))
-        layout = CacheLayout(count, levels, strides, scales, (False, True) if seg.hflip else (False,))
+        layout = cache_layout(module, seg.feature_cache.scales, seg.scale_range, seg.hflip)
         if seg.crop_size % layout.alignment:
             reason = f"seg.crop_size {seg.crop_size} is not a multiple of the encoder's coarsest stride {layout.alignment}"
     if reason:
@@ -217,7 +215,7 @@ def feature_cached(rd: RunDir, module: Any, targets: Any) -> tuple[Any, dict]:
     meta = {"encoder": seg.encoder.name, "weights": weights_identity(seg.encoder.weights),
             "output_stride": seg.encoder.output_stride, "dataset": d.dataset, "root": str(Path(d.root).expanduser().resolve()) if d.root else "",
             "split": d.train_split, "max_pixels": d.max_pixels, "image_mode": d.image_mode,
-            "views": layout.views(), "levels": levels}
+            "views": layout.views(), "levels": layout.levels}
     root = Path(seg.feature_cache.root).expanduser() if seg.feature_cache.root else rd.sub("feature_cache")
     cache_dir = root / cache_key(meta)
     device = inference_device(rd.cfg)
@@ -226,7 +224,7 @@ def feature_cached(rd: RunDir, module: Any, targets: Any) -> tuple[Any, dict]:
                                rd.cfg.trainer.num_workers, module.channels_last)
     module.cpu()
     log.info("feature cache: %d images x %d views, levels %s, %.1f MB in %s (%d computed in %.1f s)",
-             stats["images"], len(layout.views()), list(levels), stats["megabytes"], cache_dir, stats["computed"],
+             stats["images"], len(layout.views()), list(layout.levels), stats["megabytes"], cache_dir, stats["computed"],
              stats["seconds"])
     cached = CachedFeatureSet(targets, cache_dir, layout, seg.crop_size, rd.cfg.trainer.seed)
     where = str(cache_dir.relative_to(rd.path)) if cache_dir.is_relative_to(rd.path) else str(cache_dir)
