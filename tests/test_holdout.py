@@ -93,6 +93,7 @@ def test_select_is_a_copy_with_only_the_given_ids(make_voc):
     (["seg.convergence.patience=-1"], "seg.convergence.patience: epochs without improvement, >= 0"),
     (["seg.convergence.holdout=0.2", "cyclic.rounds=1", "cyclic.selection=best_val_uses_gt"],
      "cyclic.selection: best_val_uses_gt selects on val ground truth"),
+    (["seg.seed=-2"], "seg.seed: a seed >= 0, or -1 for trainer.seed"),
 ])
 def test_bad_protocol_values_are_one_line_config_errors(overrides, needle):
     with pytest.raises(ConfigError) as err:
@@ -118,6 +119,8 @@ def test_the_protocol_enters_stage_hashes_only_when_on():
     assert seg_hash() == seg_hash("seg.convergence.patience=7")
     assert seg_hash("seg.convergence.holdout=0.2") != seg_hash("seg.convergence.holdout=0.2", "seg.convergence.patience=7")
     assert seg_hash() != seg_hash("seg.convergence.holdout=0.2")
+    # seg.seed (segmenter seeds that share CAMs) enters only when set
+    assert seg_hash() != seg_hash("seg.seed=0") != seg_hash("seg.seed=1")
 
 
 # ---- early stopping and selection (the callback alone) ------------------------------------------------

@@ -123,3 +123,23 @@ def test_report_renders_in_headless_chromium(tiny_run, tmp_path):
     # not a blank page: many distinct colours (heatmaps, overlays) and dark text on white
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 500
     assert (pixels.sum(-1) < 150).mean() > 0.001
+
+
+def test_seg_seed_reseeds_the_segmenter_alone(tmp_path):
+    """seg.seed retrains the segmenter on the same CAMs and pseudo masks; -1 means trainer.seed."""
+    from safetensors.numpy import load_file
+
+    stages = "run.stages=[train_cam, cam, pseudo, train_seg]"
+
+    def weights() -> dict:
+        return load_file(tmp_path / "runs" / "shapes_cam" / "seg" / "model.safetensors")
+
+    first = _run(tmp_path, stages)["stages"]
+    default_weights = weights()
+    same = _run(tmp_path, stages, "seg.seed=0")["stages"]  # seg.seed 0 = trainer.seed 0: same segmenter
+    assert all(np.array_equal(v, weights()[k]) for k, v in default_weights.items())
+    other = _run(tmp_path, stages, "seg.seed=5")["stages"]
+    for stage in ("train_cam", "cam", "pseudo"):
+        assert first[stage]["started"] == same[stage]["started"] == other[stage]["started"], stage
+    assert other["train_seg"]["started"] != same["train_seg"]["started"]
+    assert any(not np.array_equal(v, weights()[k]) for k, v in default_weights.items())

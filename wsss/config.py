@@ -197,6 +197,9 @@ class SegConfig(TrainConfig):
     feature_cache: FeatureCacheConfig = field(default_factory=FeatureCacheConfig)
     # convergence.holdout > 0: the held-out part is validated instead of val, every max(1, val_every) epochs
     convergence: ConvergenceConfig = field(default_factory=ConvergenceConfig)
+    # >= 0: seeds the segmenter alone (init, crops, order), so several segmenter seeds share one run's
+    # CAMs and pseudo masks; -1 = trainer.seed, which also seeds the CAM network
+    seed: int = -1
 
 
 @dataclass
@@ -584,6 +587,8 @@ def _validate_convergence(cfg: DictConfig) -> None:
     c = cfg.seg.convergence
     if not 0 <= c.holdout < 1:
         raise ConfigError(f"seg.convergence.holdout: a fraction of the train split in [0, 1) (0 = off), got {c.holdout}")
+    if cfg.seg.seed < -1:
+        raise ConfigError(f"seg.seed: a seed >= 0, or -1 for trainer.seed, got {cfg.seg.seed}")
     if c.patience < 0:
         raise ConfigError(f"seg.convergence.patience: epochs without improvement, >= 0 (0 = never stop early), got {c.patience}")
     if c.holdout > 0 and cfg.cyclic.rounds > 0 and cfg.cyclic.selection == "best_val_uses_gt":
@@ -649,7 +654,8 @@ def _unselected_options(cfg: DictConfig) -> set[str]:
 
 def _inactive_sections(cfg: DictConfig) -> set[str]:
     """Sections that are switched off (left out of stage hashes, so runs from before they existed stay valid)."""
-    return {"seg.convergence"} if cfg.seg.convergence.holdout == 0 else set()
+    inactive = {"seg.convergence"} if cfg.seg.convergence.holdout == 0 else set()
+    return inactive | ({"seg.seed"} if cfg.seg.seed < 0 else set())
 
 
 def _prune(node: Any, path: str, drop: set[str]) -> Any:

@@ -226,9 +226,14 @@ def feature_cached(rd: RunDir, module: Any, targets: Any) -> tuple[Any, dict]:
     log.info("feature cache: %d images x %d views, levels %s, %.1f MB in %s (%d computed in %.1f s)",
              stats["images"], len(layout.views()), list(layout.levels), stats["megabytes"], cache_dir, stats["computed"],
              stats["seconds"])
-    cached = CachedFeatureSet(targets, cache_dir, layout, seg.crop_size, rd.cfg.trainer.seed)
+    cached = CachedFeatureSet(targets, cache_dir, layout, seg.crop_size, seg_seed(rd.cfg))
     where = str(cache_dir.relative_to(rd.path)) if cache_dir.is_relative_to(rd.path) else str(cache_dir)
     return cached, {"feature_cache": {"dir": where, "views": len(layout.views()), **stats}}
+
+
+def seg_seed(cfg: DictConfig) -> int:
+    """The segmenter's seed: seg.seed, or trainer.seed when it is -1."""
+    return cfg.seg.seed if cfg.seg.seed >= 0 else cfg.trainer.seed
 
 
 def holdout_split(ds: SegDataset, fraction: float) -> tuple[SegDataset, Optional[SegDataset]]:
@@ -291,15 +296,16 @@ def train_segmenter(rd: RunDir, out: Path, source: str, pseudo_dir: Optional[Pat
 
     cfg = rd.cfg
     configure_threads(cfg)
-    L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
+    seed = seg_seed(cfg)
+    L.seed_everything(seed, workers=True, verbose=False)
     ds = with_run_saliency(rd, split_dataset(cfg, cfg.data.train_split))
     ds, held = holdout_split(ds, cfg.seg.convergence.holdout)  # from here on `ds` is what trains
     module = seg_method(cfg, ds.class_names, loss_spec(cfg, pixel_loss))
     if init is not None:
         log.info("%s: starting from %d tensors of %s", out.name, load_shared_weights(module.net, init), init)
-    train_set = SegmentationSet(ds, source, train_augment(cfg.seg, with_masks=True, seed=cfg.trainer.seed), pseudo_dir)
+    train_set = SegmentationSet(ds, source, train_augment(cfg.seg, with_masks=True, seed=seed), pseudo_dir)
     train_set, cache_metrics = feature_cached(rd, module, train_set)
-    loader = module.train_loader(train_set, cfg.seg.batch_size, cfg.trainer.num_workers, cfg.trainer.seed, module.options)
+    loader = module.train_loader(train_set, cfg.seg.batch_size, cfg.trainer.num_workers, seed, module.options)
     val, val_every, keep = validation_plan(cfg, out, ds.class_names, held, keep_best_val)
     val_loader = None
     if val is not None:
