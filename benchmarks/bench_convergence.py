@@ -1,17 +1,29 @@
 """Comparisons at convergence on voc12-mini (issue 16, parts 2 and 3): rows x seeds under the convergence protocol.
 
-Each row is a recipe plus overrides, run as `wsss run RECIPE run.stages=[train_seg,evaluate]` with the
-recipe's convergence protocol (a fixed held-out part of train, early stopping on its mIoU, the best
-held-out weights exported; docs/protocol.md); val is evaluated once, at the end, and only reported.
-Runs already done are read back (rerun the command to extend a table), so a long table can be filled
-over several sessions.
+Each row is a recipe plus overrides, run as `wsss run RECIPE run.stages=[train_seg,evaluate]` (or the
+row's stages) with the recipe's convergence protocol (a fixed held-out part of train, early stopping on
+its mIoU, the best held-out weights exported; docs/protocol.md); val is evaluated once, at the end,
+and only reported. Runs already done are read back (rerun the command to extend a table), so a long
+table can be filled over several sessions.
+
+Tables:
+  scribbles  full supervision, pCE and the regularized losses (no CAMs; seeds vary trainer.seed)
+  image      the image-level pipeline of configs/voc12mini_cam.yaml (section 4): one CAM run, its
+             PSA + dense-CRF pseudo masks, segmenters at 3 seeds (seg.seed), and the GT row
+  pmm        the PMM ablation (section 6) on the same CAMs as `image` (the plain CAM network with
+             multi-scale inference, which §6 calls --cam baseline): threshold / CoV / PPMG masks made
+             once, CE / PUF segmenters and one cyclic round at 3 seeds (seg.seed), and the GT row
+Runs a table needs once (CAMs, pseudo masks) are made first with trainer.seed=0 and shared through
+symlinks (`cams`, `pseudo`, `seg`); the seeds change only the segmenters.
 
     nice -n 10 python benchmarks/bench_convergence.py --table scribbles --seeds 0 1 2
     nice -n 10 python benchmarks/bench_convergence.py --table scribbles --rows pce densecrf --seeds 0
+    nice -n 10 python benchmarks/bench_convergence.py --table pmm --seeds 0 1 2 --threads 1
 
 Prints one line per run as it finishes, then the table: val mIoU mean +- sample std over seeds, the best
-held-out mIoU, the epoch it came from, and where training stopped. `--progress` runs nothing and prints
-the held-out mIoU per epoch of the runs so far (finished or not) from their logs.
+held-out mIoU, the epoch it came from, and where training stopped (and, for rows trained on pseudo
+masks, the masks' mIoU on the train split). `--progress` runs nothing and prints the held-out mIoU per
+epoch of the runs so far (finished or not) from their logs.
 """
 
 from __future__ import annotations
@@ -19,66 +31,148 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shutil
 import statistics
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "voc12-mini"
 
-# name -> (recipe, overrides). "full" trains on ground-truth masks with the same network and protocol.
-TABLES: dict[str, dict[str, tuple[str, list[str]]]] = {
-    "scribbles": {
-        "full": ("voc12mini_scribble_pce.yaml", ["seg.labels=gt", "seg.loss.name=ce"]),
-        "pce": ("voc12mini_scribble_pce.yaml", []),
-        "densecrf": ("voc12mini_scribble_densecrf.yaml", []),
-        "dfr": ("voc12mini_scribble_dfr.yaml", []),
-        "ncut": ("voc12mini_scribble_ncut.yaml", []),
-        "potts": ("voc12mini_scribble_potts.yaml", []),
-        "kernelcut": ("voc12mini_scribble_kernelcut.yaml", []),
+
+@dataclass(frozen=True)
+class Run:
+    """One `wsss run`: a recipe, overrides, stages, and the run directories it links in ({seed} is filled)."""
+
+    recipe: str
+    overrides: tuple[str, ...] = ()
+    stages: str = "[train_seg, evaluate]"
+    links: dict[str, str] = field(default_factory=dict)  # sub-directory -> run name whose sub-directory it is
+    name: str = ""  # run name template; "" = <table>_<row>_s{seed}
+    seed_key: str = "seg.seed"  # what the row's seed sets
+
+
+@dataclass(frozen=True)
+class Table:
+    rows: dict[str, Run]
+    setup: dict[str, Run] = field(default_factory=dict)  # made once, before the rows, with trainer.seed=0
+
+
+# The scribble rows have no CAM stage: their seed is trainer.seed (what the first runs used).
+FULL_SCRIBBLE = Run("voc12mini_scribble_pce.yaml", ("seg.labels=gt", "seg.loss.name=ce"), seed_key="trainer.seed")
+SCRIBBLES = Table({
+    "full": FULL_SCRIBBLE,
+    **{row: Run(f"voc12mini_scribble_{row}.yaml", seed_key="trainer.seed")
+       for row in ("pce", "densecrf", "dfr", "ncut", "potts", "kernelcut")},
+    # the feature cache's check at convergence (issue 16 part 1): pCE trained on images instead
+    "pce_images": Run("voc12mini_scribble_pce.yaml", ("seg.feature_cache.enabled=false",), seed_key="trainer.seed"),
+})
+
+# The image-level pipeline: CAMs and the recipe's pseudo masks once, then the segmenter. Its GT row is
+# the scribble table's (the scribble recipes inherit this segmenter and protocol unchanged).
+IMAGE = Table(
+    setup={"image_cam": Run("voc12mini_cam.yaml", stages="[train_cam, cam, pseudo]")},
+    rows={"pseudo": Run("voc12mini_cam.yaml", links={"pseudo": "image_cam"}),
+          "full": Run(FULL_SCRIBBLE.recipe, FULL_SCRIBBLE.overrides, name="scribbles_full_s{seed}",
+                      seed_key="trainer.seed")},
+)
+
+THRESHOLD = ("pseudo.method=threshold", "pseudo.cov.enabled=false")
+COV = ("pseudo.method=threshold", "pseudo.cov.enabled=true")
+PPMG = ("pseudo.method=ppmg", "pseudo.cov.enabled=true")
+PMM_RECIPE = "voc12mini_pmm.yaml"
+PMM = Table(
+    setup={**IMAGE.setup,  # the plain CAM network + multi-scale inference of voc12mini_cam.yaml
+           **{f"pmm_{masks}": Run(PMM_RECIPE, over, stages="[pseudo]", links={"cams": "image_cam"})
+              for masks, over in (("threshold", THRESHOLD), ("cov", COV), ("ppmg", PPMG))}},
+    rows={
+        "threshold": Run(PMM_RECIPE, THRESHOLD + ("seg.loss.name=ce",), links={"pseudo": "pmm_threshold"}),
+        "cov": Run(PMM_RECIPE, COV + ("seg.loss.name=ce",), links={"pseudo": "pmm_cov"}),
+        "ppmg_ce": Run(PMM_RECIPE, PPMG + ("seg.loss.name=ce",), links={"pseudo": "pmm_ppmg"}),
+        "ppmg_puf": Run(PMM_RECIPE, PPMG + ("seg.loss.name=puf",), links={"pseudo": "pmm_ppmg"}),
+        # one round on the PUF segmenter of the same seed: its MS + flip + CRF predictions, a fresh CE segmenter
+        "cyclic": Run(PMM_RECIPE, PPMG + ("seg.loss.name=puf", "cyclic.rounds=1", "cyclic.loss=ce"),
+                      stages="[cyclic, evaluate]", links={"seg": "pmm_ppmg_puf_s{seed}"}),
+        "full": Run(PMM_RECIPE, ("seg.labels=gt", "seg.loss.name=ce")),
     },
-}
+)
+TABLES: dict[str, Table] = {"scribbles": SCRIBBLES, "image": IMAGE, "pmm": PMM}
 
 
-def run_row(name: str, recipe: str, overrides: list[str], seed: int, args: argparse.Namespace) -> dict:
-    """Train + evaluate one row at one seed (or read the finished run back); its numbers."""
-    run_name = f"{args.table}_{name}_s{seed}"
-    cmd = [sys.executable, "-m", "wsss", "run", str(REPO / "configs" / recipe), f"data.root={args.data}",
-           f"run.root={args.out}", f"run.name={run_name}", "run.stages=[train_seg,evaluate]", f"trainer.seed={seed}",
-           f"trainer.threads={args.threads}", *overrides, *args.set]
-    manifest = Path(args.out) / run_name / "manifest.json"
-    log = Path(args.out) / f"{run_name}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "a") as f:
+def run_name(table: str, row: str, run: Run, seed: int) -> str:
+    return (run.name or f"{table}_{row}_s{{seed}}").format(seed=seed)
+
+
+def link(out: Path, name: str, links: dict[str, str], seed: int) -> None:
+    """Make `out/name/<dir>` a symlink to `out/<source>/<dir>` (shared upstream outputs)."""
+    (out / name).mkdir(parents=True, exist_ok=True)
+    for sub, source in links.items():
+        target = (out / source.format(seed=seed) / sub).resolve()
+        if not target.is_dir():
+            raise SystemExit(f"{out / name}: needs {target}, which does not exist")
+        path = out / name / sub
+        if not path.is_symlink():
+            if path.exists():
+                shutil.rmtree(path)
+            path.symlink_to(target, target_is_directory=True)
+
+
+def wsss_run(name: str, run: Run, seed: int, args: argparse.Namespace) -> dict:
+    """`wsss run` one run (resumes or skips what is done); its manifest's stages."""
+    out = Path(args.out)
+    link(out, name, run.links, seed)
+    cmd = [sys.executable, "-m", "wsss", "run", str(REPO / "configs" / run.recipe), f"data.root={args.data}",
+           f"run.root={out}", f"run.name={name}", f"run.stages={run.stages}", f"{run.seed_key}={seed}",
+           f"trainer.threads={args.threads}", *run.overrides, *args.set]
+    with open(out / f"{name}.log", "a") as f:
         subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT)
-    stages = json.loads(manifest.read_text())["stages"]
-    train = stages["train_seg"]["metrics"]
-    return {"val": 100 * stages["evaluate"]["metrics"]["miou"], "seconds": stages["train_seg"]["seconds"],
-            "heldout": 100 * train["holdout_best_miou"] if train.get("holdout_best_miou") is not None else float("nan"),
+    return json.loads((out / name / "manifest.json").read_text())["stages"]
+
+
+def pseudo_miou(out: Path, name: str) -> Optional[float]:
+    """mIoU of the pseudo masks run `name` trained on (followed through its `pseudo` link), or of its cyclic round."""
+    stages = json.loads((out / name / "manifest.json").read_text())["stages"]
+    if "cyclic" in stages:
+        return stages["cyclic"]["metrics"].get("r1_pseudo_miou")
+    masks = out / name / "pseudo"
+    if masks.is_symlink():
+        return pseudo_miou(out, masks.resolve().parent.name)
+    return stages.get("pseudo", {}).get("metrics", {}).get("pseudo_miou")
+
+
+def row_numbers(out: Path, name: str, stages: dict) -> dict:
+    """The table's numbers of one finished run (a cyclic run: its round's segmenter)."""
+    train = stages["cyclic"]["metrics"]["r1_train"] if "cyclic" in stages else stages["train_seg"]["metrics"]
+    best = train.get("holdout_best_miou")
+    masks = pseudo_miou(out, name)  # None for GT and scribble rows
+    return {"val": 100 * stages["evaluate"]["metrics"]["miou"],
+            "seconds": sum(stages[s]["seconds"] for s in ("train_seg", "cyclic") if s in stages),
+            "heldout": 100 * best if best is not None else float("nan"),
             "best_epoch": train.get("holdout_best_epoch", "-"), "stopped_epoch": train.get("stopped_at_epoch", "-"),
-            "steps": train["steps"]}
+            "steps": train.get("steps", "-"), "masks": 100 * masks if masks is not None else None}
 
 
-def progress(args: argparse.Namespace, rows: dict) -> None:
+def progress(args: argparse.Namespace, table: Table) -> None:
     """Held-out mIoU per epoch of every run of the table so far, read from its metrics.csv."""
     print("| run | epochs | held-out mIoU by epoch (%) | best (epoch) | status |")
     print("|---|---|---|---|---|")
     for seed in args.seeds:
-        for name in rows:
-            run = Path(args.out) / f"{args.table}_{name}_s{seed}"
-            log = run / "seg" / "logs" / "metrics.csv"
-            if not log.is_file():
-                continue
-            with open(log) as f:
-                curve = [float(r["holdout/miou"]) * 100 for r in csv.DictReader(f) if r.get("holdout/miou")]
-            if not curve:
-                continue
-            stages = json.loads((run / "manifest.json").read_text())["stages"]
-            status = "evaluated" if stages.get("evaluate", {}).get("status") == "done" else stages["train_seg"]["status"]
-            best = max(range(len(curve)), key=curve.__getitem__)
-            print(f"| {run.name} | {len(curve)} | {' '.join(f'{v:.1f}' for v in curve)} | {curve[best]:.2f} ({best + 1}) | "
-                  f"{status} |")
+        for row, spec in table.rows.items():
+            run = Path(args.out) / run_name(args.table, row, spec, seed)
+            for log in sorted(run.glob("seg*/logs/metrics.csv")):
+                with open(log) as f:
+                    curve = [float(r["holdout/miou"]) * 100 for r in csv.DictReader(f) if r.get("holdout/miou")]
+                if not curve:
+                    continue
+                stages = json.loads((run / "manifest.json").read_text())["stages"]
+                status = "evaluated" if stages.get("evaluate", {}).get("status") == "done" else \
+                    next(v["status"] for k, v in stages.items() if k != "evaluate")
+                best = max(range(len(curve)), key=curve.__getitem__)
+                print(f"| {run.name}/{log.parent.parent.name} | {len(curve)} | {' '.join(f'{v:.1f}' for v in curve)} | "
+                      f"{curve[best]:.2f} ({best + 1}) | {status} |")
 
 
 def main() -> None:
@@ -89,28 +183,37 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=DATA)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(REPO / "runs" / "bench_convergence"))
-    p.add_argument("--set", nargs="*", default=[], help="extra overrides for every row")
+    p.add_argument("--set", nargs="*", default=[], help="extra overrides for every run")
     p.add_argument("--progress", action="store_true", help="run nothing; print the held-out curves so far")
     args = p.parse_args()
-    rows = {k: v for k, v in TABLES[args.table].items() if args.rows is None or k in args.rows}
+    spec = TABLES[args.table]
+    table = Table({k: v for k, v in spec.rows.items() if args.rows is None or k in args.rows}, spec.setup)
     if args.progress:
-        return progress(args, rows)
-    results: dict[str, list[dict]] = {k: [] for k in rows}
-    print("| row | seed | val mIoU | best held-out mIoU | best epoch | stopped at epoch | steps | train_seg s |")
-    print("|---|---|---|---|---|---|---|---|")
+        return progress(args, table)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    for name, run in table.setup.items():  # shared CAMs and pseudo masks, once
+        stages = wsss_run(name, run, 0, args)
+        pseudo = stages.get("pseudo", {}).get("metrics", {})
+        print(f"{name}: " + ", ".join(f"{s} {v['seconds']:.0f} s" for s, v in stages.items())
+              + (f"; pseudo-mask mIoU {100 * pseudo['pseudo_miou']:.2f}" if "pseudo_miou" in pseudo else ""))
+    results: dict[str, list[dict]] = {k: [] for k in table.rows}
+    print("| row | seed | val mIoU | best held-out mIoU | best epoch | stopped at epoch | steps | train s | masks mIoU |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for seed in args.seeds:  # seed-major: an interrupted table still has every row at the first seeds
-        for name, (recipe, overrides) in rows.items():
-            r = run_row(name, recipe, overrides, seed, args)
-            results[name].append(r)
-            print(f"| {name} | {seed} | {r['val']:.2f} | {r['heldout']:.2f} | {r['best_epoch']} | {r['stopped_epoch']} | "
-                  f"{r['steps']} | {r['seconds']:.0f} |")
+        for row, run in table.rows.items():
+            name = run_name(args.table, row, run, seed)
+            r = row_numbers(Path(args.out), name, wsss_run(name, run, seed, args))
+            results[row].append(r)
+            masks = f"{r['masks']:.2f}" if r["masks"] is not None else "-"
+            print(f"| {row} | {seed} | {r['val']:.2f} | {r['heldout']:.2f} | {r['best_epoch']} | {r['stopped_epoch']} | "
+                  f"{r['steps']} | {r['seconds']:.0f} | {masks} |")
             sys.stdout.flush()
     print(f"\n| row | val mIoU, mean +- std ({len(args.seeds)} seeds) | held-out mIoU, mean | runs |")
     print("|---|---|---|---|")
-    for name, rs in results.items():
+    for row, rs in results.items():
         vals = [r["val"] for r in rs]
         spread = f" +- {statistics.stdev(vals):.2f}" if len(vals) > 1 else ""
-        print(f"| {name} | {statistics.mean(vals):.2f}{spread} | {statistics.mean(r['heldout'] for r in rs):.2f} | "
+        print(f"| {row} | {statistics.mean(vals):.2f}{spread} | {statistics.mean(r['heldout'] for r in rs):.2f} | "
               f"{', '.join(f'{v:.2f}' for v in vals)} |")
 
 

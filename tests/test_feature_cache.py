@@ -16,7 +16,7 @@ from wsss.data.feature_crops import CacheLayout, CachedFeatureSet, crop_origin, 
     level_file, view_image
 from wsss.data.shapes import ShapesDataset
 from wsss.data.transforms import SegmentationSet
-from wsss.engine.feature_cache import fill_feature_cache, probe_levels
+from wsss.engine.feature_cache import fill_feature_cache, image_views, probe_levels
 from wsss.engine.modules import LossSpec, SmpSegmenter
 
 SIZE = 64
@@ -120,6 +120,34 @@ def test_a_feature_space_crop_matches_the_encoder_on_the_cropped_image():
     assert err_aligned < 0.5 * err_shifted
 
 
+def test_views_of_any_size_share_the_crops_feature_grid():
+    """TensorFlow-style "SAME" padding (timm's tf_* encoders) pads odd and even inputs differently: a view
+    of odd size, cropped in feature space, must still equal the encoder on the cropped pixels exactly
+    (away from the crop's border), as in the image path, whose crops are multiples of the stride."""
+    from timm.layers import Conv2dSame
+
+    class SamePadEncoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = Conv2dSame(3, 4, 3, stride=2), Conv2dSame(4, 4, 3, stride=2)
+
+        def forward(self, x):
+            a = self.c1(x)
+            return [x, a, self.c2(a)]
+
+    torch.manual_seed(0)
+    encoder = SamePadEncoder()
+    layout = CacheLayout(3, (2,), (4,), (1.0,), (False,))
+    image = np.random.default_rng(0).integers(0, 256, (31, 45, 3), dtype=np.uint8)  # odd sides
+    cells = image_views(encoder, lambda x: x / 255.0, image, layout, torch.device("cpu"), False)[(1.0, False, 2)]
+    top, left, size = 8, 12, 16
+    with torch.no_grad():
+        crop = encoder(torch.from_numpy(image[top:top + size, left:left + size].transpose(2, 0, 1).copy()).float()[None]
+                       / 255.0)[2][0].numpy()
+    cached = crop_padded(cells, top // 4, left // 4, size // 4, 0.0).astype(np.float32)
+    np.testing.assert_allclose(cached[:, 1:3, 1:3], crop[:, 1:3, 1:3], atol=2e-3)
+
+
 def test_crop_geometry():
     assert crop_origin(100, 64, 16, 0.0) == 0 and crop_origin(100, 64, 16, 0.999) == 32  # positions 0, 16, 32
     assert crop_origin(40, 64, 16, 0.7) == 0  # smaller than the crop: origin 0, the rest is padding
@@ -127,6 +155,27 @@ def test_crop_geometry():
     out = crop_padded(a, 1, 2, 3, -1.0)
     assert out.tolist() == [[[6, 7, -1], [10, 11, -1], [-1, -1, -1]]]
     assert default_scales((0.5, 1.0)) == (0.5, 0.75, 1.0) and default_scales((1.0, 1.0)) == (1.0,)
+    per_channel = crop_padded(np.zeros((2, 1, 1), np.float32), 0, 0, 2, np.array([3.0, 4.0]))
+    assert per_channel[0].tolist() == [[0, 3], [3, 3]] and per_channel[1].tolist() == [[0, 4], [4, 4]]
+
+
+def test_padding_beyond_a_view_is_what_the_image_path_pads_with(shapes_ds, tmp_path):
+    """A crop larger than its view: the cells beyond it hold the encoder's features of the image path's black
+    padding, away from borders (the view's, and the crop's own, which the image path zero-pads)."""
+    method = segmenter()
+    encoder = method.cacheable_encoder()
+    layout = layout_of(method, scales=(0.5,), flips=(False,))  # the 64 px images become 32 px views
+    fill_feature_cache(encoder, method.norm, shapes_ds, shapes_ds.ids, tmp_path, layout, {}, torch.device("cpu"))
+    sample = CachedFeatureSet(SegmentationSet(shapes_ds, "gt", augment=None), tmp_path, layout, 128, seed=0)[0]
+    padded = sample["image"][None]  # the view at the top left of a black 128 x 128 crop, as PadIfNeeded makes it
+    assert padded[0, :, 32:].abs().sum() == 0 and padded[0, :, :32, :32].abs().sum() > 0
+    with torch.no_grad():
+        expected = encoder(method.norm(padded))[5][0].numpy()  # stride 16: 8 x 8 cells, the view in 2 x 2
+    far = (slice(None), slice(3, 6), slice(3, 6))  # cells >= 16 px from the view and from the crop's own border
+    cached = sample["features"][5].float().numpy()
+    err_cached = np.abs(cached[far] - expected[far]).mean()
+    err_zeros = np.abs(expected[far]).mean()
+    assert err_cached < 0.1 * err_zeros
 
 
 def test_samples_align_target_and_features_in_every_view(shapes_ds, tmp_path):

@@ -5,8 +5,9 @@ A sample is the image path of `SegmentationSet` moved into feature space: one of
 crop is taken on every cached level at the same place, its origin a multiple of the coarsest
 level's stride so that a crop of S pixels is exactly S / stride cells on each level. The image-space
 parts (target, roi and the RGB the regularised losses read) are rescaled, flipped and cropped to the
-same window. What lies beyond the view is padding: zero features, target 255, roi False, RGB 0, as
-the image path pads.
+same window. What lies beyond the view is padding as the image path pads: RGB 0, target 255, roi
+False, and on each level the encoder's features of a black image's interior (stored once per cache),
+which is what the image path's black padding becomes away from the image's border.
 
 Cache files: `<cache>/<id>/<view>_L<level>.npy`, float16 (C, h, w), memory-mapped when read.
 """
@@ -58,6 +59,11 @@ def level_file(image_dir: Path, scale: float, flipped: bool, level: int) -> Path
     return image_dir / f"{view_name(scale, flipped)}_L{level}.npy"
 
 
+def padding_file(cache_dir: Path, level: int) -> Path:
+    """Where one level's padding vector (the features inside a black image, (C,) float16) is stored."""
+    return cache_dir / f"padding_L{level}.npy"
+
+
 def scaled_size(hw: tuple[int, int], scale: float) -> tuple[int, int]:
     """(H, W) of an image rescaled by `scale` (at least one pixel)."""
     return max(1, round(hw[0] * scale)), max(1, round(hw[1] * scale))
@@ -70,9 +76,12 @@ def view_image(image: np.ndarray, scale: float, flipped: bool, interpolation: in
     return np.ascontiguousarray(out[:, ::-1]) if flipped else out
 
 
-def crop_padded(array: np.ndarray, top: int, left: int, size: int, fill: float) -> np.ndarray:
-    """A size x size window of the last two axes of `array` at (top, left), padded with `fill` beyond it."""
-    out = np.full((*array.shape[:-2], size, size), fill, dtype=array.dtype)
+def crop_padded(array: np.ndarray, top: int, left: int, size: int, fill: float | np.ndarray) -> np.ndarray:
+    """A size x size window of the last two axes of `array` at (top, left), padded with `fill` beyond it
+    (a scalar, or one value per channel: shape (C,) for a (C, h, w) array)."""
+    fill = np.asarray(fill, dtype=array.dtype)
+    out = np.empty((*array.shape[:-2], size, size), dtype=array.dtype)
+    out[...] = fill.reshape(fill.shape + (1, 1)) if fill.ndim else fill
     h = max(0, min(size, array.shape[-2] - top))
     w = max(0, min(size, array.shape[-1] - left))
     out[..., :h, :w] = array[..., top : top + h, left : left + w]
@@ -115,13 +124,16 @@ class CachedFeatureSet(Dataset):
         self.targets, self.cache_dir, self.layout, self.crop_size = targets, Path(cache_dir), layout, crop_size
         self.views = layout.views()
         self.augment = ViewSampler(len(self.views), seed)
+        self.padding = {level: self._read(padding_file(self.cache_dir, level)) for level in layout.levels}
 
     def __len__(self) -> int:
         return len(self.targets)
 
     def read_level(self, sample_id: str, scale: float, flipped: bool, level: int) -> np.ndarray:
         """One stored level of one view, memory-mapped, (C, h, w) float16."""
-        path = level_file(self.cache_dir / sample_id, scale, flipped, level)
+        return self._read(level_file(self.cache_dir / sample_id, scale, flipped, level))
+
+    def _read(self, path: Path) -> np.ndarray:
         try:
             return np.load(path, mmap_mode="r")
         except (OSError, ValueError) as e:
@@ -141,7 +153,8 @@ class CachedFeatureSet(Dataset):
         features: list[torch.Tensor] = [torch.empty(0, dtype=torch.float16)] * self.layout.num_levels
         for level, stride in zip(self.layout.levels, self.layout.strides):
             cells = self.read_level(sid, scale, flipped, level)
-            features[level] = torch.from_numpy(crop_padded(cells, top // stride, left // stride, size // stride, 0.0))
+            features[level] = torch.from_numpy(crop_padded(cells, top // stride, left // stride, size // stride,
+                                                            self.padding[level]))
         image = crop_padded(image.transpose(2, 0, 1), top, left, size, 0).transpose(1, 2, 0)
         roi = crop_padded(np.ones(target.shape, np.uint8), top, left, size, 0)
         target = crop_padded(target, top, left, size, IGNORE)

@@ -6,7 +6,8 @@ training image and view (a few scales, mirrored or not) and stores only the leve
 heads read, as float16 `.npy` files; training then reads them through
 `wsss.data.feature_crops.CachedFeatureSet` (crops in feature space) and the network skips its encoder.
 
-Layout: `<run>/feature_cache/<key>/meta.json` and `<id>/<view>_L<level>.npy`. The key hashes what the
+Layout: `<run>/feature_cache/<key>/meta.json`, `<id>/<view>_L<level>.npy`, and `padding_L<level>.npy`
+(the features of a black image, which crops reaching beyond a view are padded with). The key hashes what the
 features depend on (encoder name, weights, output stride, data set, split, views, stored levels), so
 a recipe change that alters them fills a new cache and cyclic rounds reuse the same one. An image is
 done when its directory exists: it is written under a temporary name and renamed, so the fill
@@ -31,10 +32,10 @@ from torch import nn
 from tqdm import tqdm
 
 from wsss.data.base import SegDataset
-from wsss.data.feature_crops import CacheLayout, default_scales, level_file, view_image
+from wsss.data.feature_crops import CacheLayout, default_scales, level_file, padding_file, view_image
 from wsss.data.transforms import InferenceSet, collate_list, to_tensor_image
 from wsss.engine import dist
-from wsss.io.atomic import write_json
+from wsss.io.atomic import write_json, write_with
 
 log = logging.getLogger("wsss")
 
@@ -68,9 +69,14 @@ def cache_layout(method: nn.Module, scales: Sequence[float], scale_range: Sequen
     return CacheLayout(count, levels, strides, views, (False, True) if hflip else (False,))
 
 
+# Bumped when what is stored changes for the same key parts; 2: views padded to the crops' feature grid.
+CACHE_FORMAT = 2
+
+
 def cache_key(parts: dict[str, Any]) -> str:
-    """A short stable hash of what the cached features depend on."""
-    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    """A short stable hash of what the cached features depend on (and of the cache format)."""
+    payload = json.dumps({**parts, "format": CACHE_FORMAT}, sort_keys=True, default=str)
+    return hashlib.sha1(payload.encode()).hexdigest()[:12]
 
 
 def weights_identity(weights: str) -> str:
@@ -82,12 +88,28 @@ def weights_identity(weights: str) -> str:
     return weights
 
 
+def pad_to_multiple(image: np.ndarray, multiple: int) -> np.ndarray:
+    """(H, W, 3) image padded with black at the bottom and right to sides that are multiples of `multiple`.
+
+    Why: encoders with TensorFlow "SAME" padding (timm's tf_* models, e.g. EfficientNet-Lite) pad a
+    stride-2 layer's odd-sized input on both sides and an even-sized one on one side, so the feature
+    grid of a whole view of odd size is shifted by a pixel or more against that of a training crop
+    (a multiple of the stride), which made the stride-4 features of most views useless (benchmarks.md §15).
+    Padded like the image path pads its crops, every view has the crops' grid.
+    """
+    h, w = image.shape[:2]
+    bottom, right = -h % multiple, -w % multiple
+    if not (bottom or right):
+        return image
+    return np.pad(image, ((0, bottom), (0, right), (0, 0)))
+
+
 def image_views(encoder: nn.Module, normalize: Callable[[torch.Tensor], torch.Tensor], image: np.ndarray,
                 layout: CacheLayout, device: torch.device, channels_last: bool) -> dict[tuple[float, bool, int], np.ndarray]:
     """(H, W, 3) uint8 image -> {(scale, flipped, level): (C, h, w) float16} for every view and stored level."""
     out = {}
     for scale, flipped in layout.views():
-        x = normalize(to_tensor_image(view_image(image, scale, flipped))[None].to(device))
+        x = normalize(to_tensor_image(pad_to_multiple(view_image(image, scale, flipped), layout.alignment))[None].to(device))
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
@@ -95,6 +117,17 @@ def image_views(encoder: nn.Module, normalize: Callable[[torch.Tensor], torch.Te
         for level in layout.levels:
             out[(scale, flipped, level)] = features[level][0].to(torch.float16).cpu().numpy()
     return out
+
+
+def padding_features(encoder: nn.Module, normalize: Callable[[torch.Tensor], torch.Tensor], layout: CacheLayout,
+                     device: torch.device) -> dict[int, np.ndarray]:
+    """{level: (C,) float16}: the encoder's features inside a black image, what the image path's padding becomes."""
+    size = 16 * layout.alignment  # the centre cell lies 8 cells from every border, out of the borders' reach
+    x = normalize(torch.zeros(1, 3, size, size, device=device))
+    with torch.no_grad():
+        features = encoder(x)
+    return {level: features[level][0, :, features[level].shape[2] // 2, features[level].shape[3] // 2]
+            .to(torch.float16).cpu().numpy() for level in layout.levels}
 
 
 def fill_feature_cache(encoder: nn.Module, normalize: Callable[[torch.Tensor], torch.Tensor], ds: SegDataset,
@@ -114,6 +147,10 @@ def fill_feature_cache(encoder: nn.Module, normalize: Callable[[torch.Tensor], t
     todo = [sid for sid in dist.shard(list(ids)) if not (cache_dir / sid).is_dir()]
     modes = {m: m.training for m in encoder.modules()}  # restored one by one: frozen BatchNorm stays in eval
     encoder.eval()
+    if dist.is_main():  # what crops beyond a view are padded with (caches made before it get it here)
+        for level, cells in padding_features(encoder, normalize, layout, device).items():
+            if not padding_file(cache_dir, level).is_file():
+                write_with(padding_file(cache_dir, level), lambda f, a=cells: np.save(f, a))
     start = time.time()
     loader = torch.utils.data.DataLoader(InferenceSet(ds, todo, ("image",)), batch_size=1, collate_fn=collate_list,
                                          num_workers=num_workers)
