@@ -7,7 +7,8 @@ and only reported. Runs already done are read back (rerun the command to extend 
 table can be filled over several sessions.
 
 Tables:
-  scribbles  full supervision, pCE and the regularized losses (no CAMs; seeds vary trainer.seed)
+  scribbles  full supervision, pCE and the regularized losses (no CAMs; seeds vary trainer.seed), and
+             pce_images: pCE with the feature cache off (the cache's check at convergence)
   image      the image-level pipeline of configs/voc12mini_cam.yaml (section 4): one CAM run, its
              PSA + dense-CRF pseudo masks, segmenters at 3 seeds (seg.seed), and the GT row
   pmm        the PMM ablation (section 6) on the same CAMs as `image` (the plain CAM network with
