@@ -127,7 +127,8 @@ def wsss_run(name: str, run: Run, seed: int, args: argparse.Namespace) -> dict:
     link(out, name, run.links, seed)
     cmd = [sys.executable, "-m", "wsss", "run", str(REPO / "configs" / run.recipe), f"data.root={args.data}",
            f"run.root={out}", f"run.name={name}", f"run.stages={run.stages}", f"{run.seed_key}={seed}",
-           f"trainer.threads={args.threads}", *run.overrides, *args.set]
+           f"trainer.threads={args.threads}", f"seg.feature_cache.root={out / 'feature_cache'}",  # one cache for all rows
+           *run.overrides, *args.set]
     with open(out / f"{name}.log", "a") as f:
         subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT)
     return json.loads((out / name / "manifest.json").read_text())["stages"]
