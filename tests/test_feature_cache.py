@@ -202,7 +202,8 @@ def test_fill_resumes_after_an_interruption(shapes_ds, tmp_path, monkeypatch):
     real_save = np.save
 
     def dying_save(path, array):
-        saves.append(path)
+        if isinstance(path, (str, Path)):  # a level file (the padding vectors go through a buffer)
+            saves.append(path)
         if len(saves) == 6:  # 4 files per image (2 views x 2 levels): the second image, half written
             raise KeyboardInterrupt
         real_save(path, array)
