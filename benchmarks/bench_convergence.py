@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import shutil
 import statistics
 import subprocess
 import sys
@@ -107,24 +106,21 @@ def run_name(table: str, row: str, run: Run, seed: int) -> str:
     return (run.name or f"{table}_{row}_s{{seed}}").format(seed=seed)
 
 
-def link(out: Path, name: str, links: dict[str, str], seed: int) -> None:
-    """Make `out/name/<dir>` a symlink to `out/<source>/<dir>` (shared upstream outputs)."""
-    (out / name).mkdir(parents=True, exist_ok=True)
-    for sub, source in links.items():
-        target = (out / source.format(seed=seed) / sub).resolve()
-        if not target.is_dir():
-            raise SystemExit(f"{out / name}: needs {target}, which does not exist")
-        path = out / name / sub
-        if not path.is_symlink():
-            if path.exists():
-                shutil.rmtree(path)
-            path.symlink_to(target, target_is_directory=True)
+def link_upstream(out: Path, name: str, links: dict[str, str], seed: int) -> None:
+    """`bench_pmm_ablation.link` with the seed filled in, after checking that every source exists."""
+    from bench_pmm_ablation import link
+
+    sources = {sub: source.format(seed=seed) for sub, source in links.items()}
+    for sub, source in sources.items():
+        if not (out / source / sub).is_dir():
+            raise SystemExit(f"{out / name}: needs {out / source / sub}, which does not exist")
+    link(out, name, sources)
 
 
 def wsss_run(name: str, run: Run, seed: int, args: argparse.Namespace) -> dict:
     """`wsss run` one run (resumes or skips what is done); its manifest's stages."""
     out = Path(args.out)
-    link(out, name, run.links, seed)
+    link_upstream(out, name, run.links, seed)
     cmd = [sys.executable, "-m", "wsss", "run", str(REPO / "configs" / run.recipe), f"data.root={args.data}",
            f"run.root={out}", f"run.name={name}", f"run.stages={run.stages}", f"{run.seed_key}={seed}",
            f"trainer.threads={args.threads}", f"seg.feature_cache.root={out / 'feature_cache'}",  # one cache for all rows

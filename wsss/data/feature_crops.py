@@ -9,7 +9,8 @@ same window. What lies beyond the view is padding as the image path pads: RGB 0,
 False, and on each level the encoder's features of a black image's interior (stored once per cache),
 which is what the image path's black padding becomes away from the image's border.
 
-Cache files: `<cache>/<id>/<view>_L<level>.npy`, float16 (C, h, w), memory-mapped when read.
+Cache files: `<cache>/<id>/<view>_L<level>.npy`, float16 (C, h, w), memory-mapped when read, and
+`<cache>/padding_L<level>.npy`, float16 (C,).
 """
 
 from __future__ import annotations

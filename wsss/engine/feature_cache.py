@@ -147,10 +147,10 @@ def fill_feature_cache(encoder: nn.Module, normalize: Callable[[torch.Tensor], t
     todo = [sid for sid in dist.shard(list(ids)) if not (cache_dir / sid).is_dir()]
     modes = {m: m.training for m in encoder.modules()}  # restored one by one: frozen BatchNorm stays in eval
     encoder.eval()
-    if dist.is_main():  # what crops beyond a view are padded with (caches made before it get it here)
+    # what crops beyond a view are padded with: one forward pass, only when a cache lacks it
+    if dist.is_main() and not all(padding_file(cache_dir, level).is_file() for level in layout.levels):
         for level, cells in padding_features(encoder, normalize, layout, device).items():
-            if not padding_file(cache_dir, level).is_file():
-                write_with(padding_file(cache_dir, level), lambda f, a=cells: np.save(f, a))
+            write_with(padding_file(cache_dir, level), lambda f, a=cells: np.save(f, a))
     start = time.time()
     loader = torch.utils.data.DataLoader(InferenceSet(ds, todo, ("image",)), batch_size=1, collate_fn=collate_list,
                                          num_workers=num_workers)
