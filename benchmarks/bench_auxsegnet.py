@@ -14,6 +14,10 @@ update), val mIoU of each round's network (single scale, no CRF), seconds.
     python benchmarks/bench_auxsegnet.py --threads 1                 # the documented budget
     python benchmarks/bench_auxsegnet.py --set data.shapes.num_train=40 --rounds 1   # quick look
     python benchmarks/bench_auxsegnet.py --memory    # peak memory of the affinity part at the recipes' crops
+    # voc12-mini at configs/voc12mini_auxsegnet.yaml's budget, on a finished voc12mini_cam.yaml run's CAM
+    # network and CAMs (bench_convergence.py's image_cam) and saliency maps made once (its group_saliency):
+    python benchmarks/bench_auxsegnet.py --data voc12mini --root runs/bench_auxsegnet_voc --rounds 2 \
+        --upstream runs/bench_convergence/image_cam --saliency runs/bench_convergence/group_saliency/saliency
 
 Rerunning resumes and skips finished work (the stage contract). Results: <root>/results.json.
 """
@@ -31,6 +35,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 BASE_RECIPE = REPO / "configs" / "shapes_cam.yaml"
 AUX_RECIPE = REPO / "configs" / "shapes_auxsegnet.yaml"
+VOC_BASE_RECIPE = REPO / "configs" / "voc12mini_cam.yaml"
+VOC_AUX_RECIPE = REPO / "configs" / "voc12mini_auxsegnet.yaml"
+VOC_DATA = REPO.parent / "shared" / "data" / "voc12-mini"
 
 # the budget: small enough for a shared 2-core CPU under load (48 px images: 6 x 6 features, 36 x 36 affinities)
 BUDGET = ["data.shapes.num_train=96", "data.shapes.num_val=32", "data.shapes.image_size=48",
@@ -127,6 +134,12 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=[], help="run only these rows (baseline seg_only plus_sal full), "
                         "e.g. in parallel processes once the baseline's CAMs and seg_only's labels exist")
     parser.add_argument("--memory", action="store_true", help="only measure the affinity part's peak memory")
+    parser.add_argument("--data", choices=("shapes", "voc12mini"), default="shapes",
+                        help="shapes: the reduced budget above; voc12mini: the voc12mini recipes' own budget")
+    parser.add_argument("--voc-root", default=str(VOC_DATA), help="--data voc12mini: the data set's folder")
+    parser.add_argument("--upstream", default="", help="a finished run of the baseline recipe (train_cam, cam, "
+                        "pseudo) whose CAM network and CAMs every row links, instead of running the baseline")
+    parser.add_argument("--saliency", default="", help="a folder of saliency maps (data.saliency_dir) for every row")
     args = parser.parse_args()
     if args.memory:
         print("| recipe | features | batch | one hw x hw map (MB) | peak of a training step, affinity part (MB) |")
@@ -137,18 +150,27 @@ def main() -> None:
         return
     root = Path(args.root).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    common = [*BUDGET, f"data.root={root / 'data'}", f"trainer.threads={args.threads}", *args.set]
+    if args.data == "voc12mini":
+        base_recipe, aux_recipe, budget, data_root = VOC_BASE_RECIPE, VOC_AUX_RECIPE, [], Path(args.voc_root)
+    else:
+        base_recipe, aux_recipe, budget, data_root = BASE_RECIPE, AUX_RECIPE, BUDGET, root / "data"
+    saliency = [f"data.saliency_dir={Path(args.saliency).resolve()}"] if args.saliency else []
+    common = [*budget, f"data.root={data_root}", f"trainer.threads={args.threads}", *saliency, *args.set]
     log = root / "bench.log"
     results: dict[str, Any] = {"budget": common, "rounds": args.rounds, "rows": {}}
 
     want = lambda row: not args.only or row in args.only  # noqa: E731
-    secs = 0.0 if not want("baseline") else run_wsss(BASE_RECIPE, "baseline", [*common, "run.stages=[train_cam, cam, pseudo, train_seg, evaluate]"], root, log)
-    st = manifest(root, "baseline")
+    base_dir = Path(args.upstream).resolve() if args.upstream else root / "baseline"
+    secs = 0.0
+    if want("baseline") and not args.upstream:
+        secs = run_wsss(base_recipe, "baseline", [*common, "run.stages=[train_cam, cam, pseudo, train_seg, evaluate]"], root, log)
+    st = json.loads((base_dir / "manifest.json").read_text())["stages"]
+    base_val = st.get("evaluate", {}).get("metrics", {}).get("miou")  # an upstream run may stop at pseudo
     base = {"label": "baseline (threshold + DeepLabV3+)", "seconds": round(secs), "pseudo_miou": {0: st["pseudo"]["metrics"]["pseudo_miou"]},
-            "val_miou": {1: st["evaluate"]["metrics"]["miou"]}, "cam_seed_miou": st["pseudo"]["metrics"]["cam_seed_miou"]}
+            "val_miou": {1: base_val} if base_val is not None else {}, "cam_seed_miou": st["pseudo"]["metrics"]["cam_seed_miou"]}
     results["rows"]["baseline"] = base
-    print(f"baseline: CAM seed {100 * base['cam_seed_miou']:.2f}, pseudo {100 * base['pseudo_miou'][0]:.2f}, "
-          f"val {100 * base['val_miou'][1]:.2f} ({secs:.0f} s)", flush=True)
+    print(f"baseline ({base_dir}): CAM seed {100 * base['cam_seed_miou']:.2f}, pseudo {100 * base['pseudo_miou'][0]:.2f}, "
+          f"val {'-' if base_val is None else f'{100 * base_val:.2f}'} ({secs:.0f} s)", flush=True)
 
     for name, label, overrides, stages, links in ROWS:
         if not want(name):
@@ -158,10 +180,10 @@ def main() -> None:
         for entry, source in links.items():
             link = run_dir / entry
             if not link.exists():
-                link.symlink_to(root / source / entry, target_is_directory=True)
+                link.symlink_to((base_dir if source == "baseline" else root / source) / entry, target_is_directory=True)
         rows = overrides if name != "full" else [f"seg.auxsegnet.rounds={args.rounds}"]
         ov = [*common, *rows, f"run.stages={stages}"]
-        secs = run_wsss(AUX_RECIPE, name, ov, root, log)
+        secs = run_wsss(aux_recipe, name, ov, root, log)
         rounds = manifest(root, name)["auxseg_rounds"]["metrics"]
         n = rounds["rounds"]
         initial = manifest(root, "seg_only")["pseudo"]["metrics"]["pseudo_miou"]
@@ -169,7 +191,7 @@ def main() -> None:
                "val_miou": {}}
         for k in range(1, n + 1):
             row["pseudo_miou"][k] = rounds.get(f"r{k}_pseudo_miou")
-            row["val_miou"][k] = round(val_miou(AUX_RECIPE, [*ov, f"run.root={root}", f"run.name={name}"],
+            row["val_miou"][k] = round(val_miou(aux_recipe, [*ov, f"run.root={root}", f"run.name={name}"],
                                                 run_dir / f"seg_r{k}"), 4)
         row["evaluate_stage_miou"] = manifest(root, name)["evaluate"]["metrics"]["miou"]
         results["rows"][name] = row
@@ -179,6 +201,8 @@ def main() -> None:
     print("\n| row | pseudo mIoU r0 (train) | round | val mIoU | pseudo mIoU after the round's update |")
     print("|---|---|---|---|---|")
     for name, row in results["rows"].items():
+        if not row["val_miou"]:  # an upstream baseline without a segmenter
+            print(f"| {row['label']} | {100 * row['pseudo_miou'][0]:.2f} | - | - | - |")
         for k, v in row["val_miou"].items():
             after = row["pseudo_miou"].get(k) if name != "baseline" else None
             print(f"| {row['label']} | {100 * row['pseudo_miou'][0]:.2f} | {k} | {100 * v:.2f} | "

@@ -11,6 +11,10 @@ Tables:
              pce_images: pCE with the feature cache off (the cache's check at convergence)
   image      the image-level pipeline of configs/voc12mini_cam.yaml (section 4): one CAM run, its
              PSA + dense-CRF pseudo masks, segmenters at 3 seeds (seg.seed), and the GT row
+  group      Group-WSSS (issue 13) on the `image` table's CAM run: saliency maps once, the baseline CAMs
+             with the group recipe's saliency_fusion masks, group-mining networks (N=3 T=3 with graph
+             dropout = the code's defaults; T=1; no dropout; N=4) whose seed / mask mIoU are in the setup
+             lines; segmenters on the threshold, saliency-fusion and group T=3 masks
   pmm        the PMM ablation (section 6) on the same CAMs as `image` (the plain CAM network with
              multi-scale inference, which §6 calls --cam baseline): threshold / CoV / PPMG masks made
              once, CE / PUF segmenters and one cyclic round at 3 seeds (seg.seed), and the GT row
@@ -99,7 +103,29 @@ PMM = Table(
         "full": Run(PMM_RECIPE, ("seg.labels=gt", "seg.loss.name=ce")),
     },
 )
-TABLES: dict[str, Table] = {"scribbles": SCRIBBLES, "image": IMAGE, "pmm": PMM}
+
+# Group-WSSS (issue 13) on the same CAM run as `image`: saliency maps once (the saliency stage's bundled
+# network), the baseline CAMs through the group recipe's generator (saliency_fusion: isolates the
+# generator), and group-mining CAM networks (accumulated maps) with the code's defaults and the paper's
+# variants. The setup lines carry the seed and pseudo-mask mIoU; the rows train segmenters on the masks.
+GROUP_RECIPE = "voc12mini_group.yaml"
+SALIENCY = ("data.saliency_dir={out}/group_saliency/saliency",)  # made once by the setup run group_saliency
+SALFUSION = ("pseudo.method=saliency_fusion", "pseudo.crf=false")
+GROUP_CAM = "[train_cam, accumulated_cams, pseudo]"
+GROUP = Table(
+    setup={**IMAGE.setup,
+           "group_saliency": Run(GROUP_RECIPE, stages="[saliency]"),
+           "group_cam_salfusion": Run("voc12mini_cam.yaml", SALIENCY + SALFUSION, stages="[pseudo]",
+                                      links={"cams": "image_cam"}),
+           "group_T3": Run(GROUP_RECIPE, SALIENCY, stages=GROUP_CAM),
+           "group_T1": Run(GROUP_RECIPE, SALIENCY + ("cam.group.steps=1",), stages=GROUP_CAM),
+           "group_T3_nodrop": Run(GROUP_RECIPE, SALIENCY + ("cam.group.graph_dropout=false",), stages=GROUP_CAM),
+           "group_N4": Run(GROUP_RECIPE, SALIENCY + ("cam.group.group_size=4",), stages=GROUP_CAM)},
+    rows={"cam_threshold": Run("voc12mini_cam.yaml", links={"pseudo": "image_cam"}, name="image_pseudo_s{seed}"),
+          "cam_salfusion": Run("voc12mini_cam.yaml", links={"pseudo": "group_cam_salfusion"}),
+          "group_T3": Run(GROUP_RECIPE, links={"pseudo": "group_T3"})},
+)
+TABLES: dict[str, Table] = {"scribbles": SCRIBBLES, "image": IMAGE, "pmm": PMM, "group": GROUP}
 
 
 def run_name(table: str, row: str, run: Run, seed: int) -> str:
@@ -124,7 +150,7 @@ def wsss_run(name: str, run: Run, seed: int, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, "-m", "wsss", "run", str(REPO / "configs" / run.recipe), f"data.root={args.data}",
            f"run.root={out}", f"run.name={name}", f"run.stages={run.stages}", f"{run.seed_key}={seed}",
            f"trainer.threads={args.threads}", f"seg.feature_cache.root={out / 'feature_cache'}",  # one cache for all rows
-           *run.overrides, *args.set]
+           *(o.replace("{out}", str(out)) for o in run.overrides), *args.set]
     with open(out / f"{name}.log", "a") as f:
         subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT)
     return json.loads((out / name / "manifest.json").read_text())["stages"]
@@ -192,8 +218,11 @@ def main() -> None:
     for name, run in table.setup.items():  # shared CAMs and pseudo masks, once
         stages = wsss_run(name, run, 0, args)
         pseudo = stages.get("pseudo", {}).get("metrics", {})
+        quality = [f"{label} {100 * pseudo[key]:.2f}" for key, label in (
+            ("cam_seed_miou", "CAM seed mIoU (best background threshold, train GT)"), ("pseudo_miou", "pseudo-mask mIoU"),
+            ("labelled_fraction", "labelled %")) if key in pseudo]
         print(f"{name}: " + ", ".join(f"{s} {v['seconds']:.0f} s" for s, v in stages.items())
-              + (f"; pseudo-mask mIoU {100 * pseudo['pseudo_miou']:.2f}" if "pseudo_miou" in pseudo else ""))
+              + (f"; {', '.join(quality)}" if quality else ""), flush=True)
     results: dict[str, list[dict]] = {k: [] for k in table.rows}
     print("| row | seed | val mIoU | best held-out mIoU | best epoch | stopped at epoch | steps | train s | masks mIoU |")
     print("|---|---|---|---|---|---|---|---|---|")
