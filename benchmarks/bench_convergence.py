@@ -208,10 +208,13 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(REPO / "runs" / "bench_convergence"))
     p.add_argument("--set", nargs="*", default=[], help="extra overrides for every run")
+    p.add_argument("--setup", nargs="*", default=None, help="a subset of the table's setup runs (default: all); "
+                   "with `--rows` and no names, e.g. to make one shared run in its own process")
     p.add_argument("--progress", action="store_true", help="run nothing; print the held-out curves so far")
     args = p.parse_args()
     spec = TABLES[args.table]
-    table = Table({k: v for k, v in spec.rows.items() if args.rows is None or k in args.rows}, spec.setup)
+    table = Table({k: v for k, v in spec.rows.items() if args.rows is None or k in args.rows},
+                  {k: v for k, v in spec.setup.items() if args.setup is None or k in args.setup})
     if args.progress:
         return progress(args, table)
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -154,6 +154,8 @@ def build_trainer(cfg: DictConfig, out_dir: Path, epochs: int, max_steps: int, v
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*The number of training batches.*")
     warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
+    # a resumed run's earlier rows are set aside and merged back (fit: _set_aside_log / _merge_log)
+    warnings.filterwarnings("ignore", message=".*Experiment logs directory .* exists and is not empty.*")
     # frozen stages and frozen BatchNorm are kept in eval mode on purpose (backbones.freeze)
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")
     io = AtomicCheckpointIO()
