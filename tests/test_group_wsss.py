@@ -285,3 +285,19 @@ def test_pseudo_masks_depend_on_the_accumulated_maps(tmp_path):
     assert pseudo_hash() == pseudo_hash()
     assert pseudo_hash("cam.group.steps=1") != pseudo_hash()
     assert pseudo_hash("run.stages=[train_cam, cam, pseudo]") != pseudo_hash()
+
+
+def test_cam_stage_sets_aside_maps_that_accumulated_cams_wrote(tmp_path):
+    """Switching a run from accumulated maps to multi-scale inference must not resume from the accumulated files."""
+    from wsss.config import load_recipe
+    from wsss.engine.rundir import RunDir
+
+    group = RunDir(load_recipe("configs/shapes_group.yaml", [f"run.root={tmp_path}"])).prepare()
+    cams = group.sub("cams")
+    cams.mkdir()
+    (cams / "img.npz").write_bytes(b"accumulated")
+    group.update_stage("accumulated_cams", status="done", config_hash=group.stage_hash("accumulated_cams"))
+    msinfer = RunDir(load_recipe("configs/shapes_group.yaml", [f"run.root={tmp_path}",
+                                                               "run.stages=[train_cam, cam, pseudo]"]))
+    msinfer.reset_outputs_if_stale("cam", [msinfer.sub("cams")])
+    assert not cams.exists() and (tmp_path / group.path.name / "cams.old" / "img.npz").read_bytes() == b"accumulated"
