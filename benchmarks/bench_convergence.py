@@ -7,8 +7,11 @@ and only reported. Runs already done are read back (rerun the command to extend 
 table can be filled over several sessions.
 
 Tables:
-  scribbles  full supervision, pCE and the regularized losses (no CAMs; seeds vary trainer.seed), and
-             pce_images: pCE with the feature cache off (the cache's check at convergence)
+  scribbles  full supervision, pCE and the regularized losses (no CAMs; seeds vary trainer.seed),
+             pce_images: pCE with the feature cache off (the cache's check at convergence), and
+             ncut_present / kernelcut_present: the normalized cut over the image's own classes,
+             <loss>_ft: rloss's second phase, the pce row's segmenter fine-tuned with the regulariser
+             (seg.init; run the pce row of the same seed first)
   image      the image-level pipeline of configs/voc12mini_cam.yaml (section 4): one CAM run, its
              PSA + dense-CRF pseudo masks, segmenters at 3 seeds (seg.seed), and the GT row
   group      Group-WSSS (issue 13) on the `image` table's CAM run: saliency maps once, the baseline CAMs
@@ -73,6 +76,14 @@ SCRIBBLES = Table({
        for row in ("pce", "densecrf", "dfr", "ncut", "potts", "kernelcut")},
     # the feature cache's check at convergence (issue 16 part 1): pCE trained on images instead
     "pce_images": Run("voc12mini_scribble_pce.yaml", ("seg.feature_cache.enabled=false",), seed_key="trainer.seed"),
+    # the normalized cut over background and the image's tagged classes only (not the paper's all-class sum)
+    "ncut_present": Run("voc12mini_scribble_ncut.yaml", ("seg.loss.ncut.classes=present",), seed_key="trainer.seed"),
+    "kernelcut_present": Run("voc12mini_scribble_kernelcut.yaml", ("seg.loss.kernelcut.ncut.classes=present",),
+                             seed_key="trainer.seed"),
+    # rloss's two phases: the pce row's segmenter (same seed) fine-tuned with the regulariser, same protocol
+    **{f"{row}_ft": Run(f"voc12mini_scribble_{row}.yaml", ("seg.init={out}/scribbles_pce_s{seed}/seg",),
+                        seed_key="trainer.seed")
+       for row in ("densecrf", "dfr", "ncut", "potts", "kernelcut")},
 })
 
 # The image-level pipeline: CAMs and the recipe's pseudo masks once, then the segmenter. Its GT row is
@@ -150,7 +161,7 @@ def wsss_run(name: str, run: Run, seed: int, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, "-m", "wsss", "run", str(REPO / "configs" / run.recipe), f"data.root={args.data}",
            f"run.root={out}", f"run.name={name}", f"run.stages={run.stages}", f"{run.seed_key}={seed}",
            f"trainer.threads={args.threads}", f"seg.feature_cache.root={out / 'feature_cache'}",  # one cache for all rows
-           *(o.replace("{out}", str(out)) for o in run.overrides), *args.set]
+           *(o.replace("{out}", str(out)).replace("{seed}", str(seed)) for o in run.overrides), *args.set]
     with open(out / f"{name}.log", "a") as f:
         subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT)
     return json.loads((out / name / "manifest.json").read_text())["stages"]

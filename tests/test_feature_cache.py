@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from tests.conftest import tiny_shapes
 from wsss.data.feature_crops import CacheLayout, CachedFeatureSet, crop_origin, crop_padded, default_scales, \
@@ -288,3 +289,19 @@ def test_ids_with_subfolders_are_cached(shapes_ds, tmp_path):
     assert stats["computed"] == 2 and level_file(tmp_path / "farm" / "cow_01", 1.0, False, 5).is_file()
     np.testing.assert_array_equal(np.load(level_file(tmp_path / "farm" / "cow_01", 1.0, False, 5)),
                                   np.load(level_file(tmp_path / "cow_01", 1.0, False, 5)))
+
+
+def test_cache_key_follows_the_encoder_tensors():
+    """Equal encoder weights share a cache however they were loaded; a changed tensor (seg.init from a model
+    whose encoder trained) gets its own."""
+    import copy
+
+    from wsss.engine.feature_cache import encoder_digest
+
+    torch.manual_seed(0)
+    enc = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    same = copy.deepcopy(enc)
+    assert encoder_digest(enc) == encoder_digest(same)
+    with torch.no_grad():
+        same[0].weight[0, 0, 0, 0] += 1e-3
+    assert encoder_digest(enc) != encoder_digest(same)

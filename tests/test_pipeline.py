@@ -143,3 +143,27 @@ def test_seg_seed_reseeds_the_segmenter_alone(tmp_path):
         assert first[stage]["started"] == same[stage]["started"] == other[stage]["started"], stage
     assert other["train_seg"]["started"] != same["train_seg"]["started"]
     assert any(not np.array_equal(v, weights()[k]) for k, v in default_weights.items())
+
+
+def test_seg_init_starts_the_segmenter_from_a_trained_one(tmp_path):
+    """seg.init loads another run's segmenter before training (rloss's fine-tuning phase); a bad folder is a ConfigError."""
+    from safetensors.numpy import load_file
+
+    from wsss.config import load_recipe, validate
+    from wsss.errors import ConfigError
+
+    gt = ("run.stages=[train_seg]", "seg.labels=gt")
+    buffers = ("running_mean", "running_var", "num_batches_tracked")  # BN statistics move even at lr 0
+
+    def params(name: str) -> dict:
+        state = load_file(tmp_path / "runs" / name / "seg" / "model.safetensors")
+        return {k: v for k, v in state.items() if not k.endswith(buffers)}
+
+    _run(tmp_path, *gt, "run.name=first")
+    first = params("first")
+    _run(tmp_path, *gt, "seg.lr=0", "run.name=fresh")  # lr 0: the weights stay where they started
+    _run(tmp_path, *gt, "seg.lr=0", f"seg.init={tmp_path / 'runs' / 'first' / 'seg'}", "run.name=from_first")
+    assert any(not np.array_equal(v, params("fresh")[k]) for k, v in first.items())
+    assert all(np.array_equal(v, params("from_first")[k]) for k, v in first.items())
+    with pytest.raises(ConfigError, match=r"seg\.init: .*missing: no model\.safetensors"):
+        validate(load_recipe("configs/shapes_cam.yaml", [f"seg.init={tmp_path / 'missing'}"]))

@@ -54,14 +54,15 @@ def _dense_w(image: torch.Tensor, sxy: float, srgb: float) -> torch.Tensor:
     return torch.exp(-torch.cdist(pos, pos).square() / (2 * sxy ** 2) - torch.cdist(rgb, rgb).square() / (2 * srgb ** 2))
 
 
-def _ncut_reference(probs, image, roi, sxy, srgb, w_scale: float = 1.0) -> torch.Tensor:
-    """(1/N) sum_n sum_k S_k^T W (1 - S_k) / (d^T S_k), W restricted to the ROI's pixels, d = W 1."""
+def _ncut_reference(probs, image, roi, sxy, srgb, w_scale: float = 1.0, classes=None) -> torch.Tensor:
+    """(1/N) sum_n sum_k S_k^T W (1 - S_k) / (d^T S_k), W restricted to the ROI's pixels, d = W 1; k over
+    classes[n] (a list of class indices per image) or every class."""
     total = probs.new_zeros(())
     for n in range(probs.shape[0]):
         keep = roi[n].flatten()
         wmat = w_scale * _dense_w(image[n], sxy, srgb)[keep][:, keep]
         d = wmat.sum(1)
-        for k in range(probs.shape[1]):
+        for k in (range(probs.shape[1]) if classes is None else classes[n]):
             s = probs[n, k].flatten()[keep]
             total = total + s @ wmat @ (1 - s) / (d @ s)
     return total / probs.shape[0]
@@ -122,6 +123,27 @@ def test_ncut_gradcheck_float64() -> None:
     assert torch.autograd.gradcheck(lambda z: ncut_loss(z.softmax(1), image, roi, SRGB, SXY, kernel="exact"), (logits,))
 
 
+def test_ncut_present_classes_sums_the_image_tags_terms() -> None:
+    """classes="present": only background and the tagged classes have a term (value, gradient, regulariser)."""
+    image, roi = _image(), _roi()
+    logits = _logits(c=4).requires_grad_()
+    tags = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 1.0]])  # (B, C - 1): image 0 has class 2, image 1 classes 1 and 3
+    ref = _ncut_reference(logits.softmax(1), image, roi, SXY, SRGB, classes=[[0, 2], [0, 1, 3]])
+    ours = NCutLoss(1.0, SRGB, SXY, scale=1.0, kernel="exact", classes="present")(logits.softmax(1), image, roi, tags)
+    assert torch.allclose(ours, ref, rtol=1e-10), (float(ours), float(ref))
+    assert float(ours) < float(ncut_loss(logits.softmax(1), image, roi, SRGB, SXY, kernel="exact"))
+    keep = torch.tensor([[1, 0, 1, 0], [1, 1, 0, 1]], dtype=torch.bool)
+    assert torch.autograd.gradcheck(
+        lambda z: ncut_loss(z.softmax(1), image, roi, SRGB, SXY, kernel="exact", classes=keep), (logits,))
+    # through the regulariser: it hands the batch's tags to the loss
+    reg = ncut(NCutOptions(scale=1.0, classes="present", weight=2.0))
+    batch = {"image": image.float(), "roi": roi, "labels": tags}
+    loss, _ = reg({"logits": logits.detach().float()}, batch, 0)
+    assert float(loss) == pytest.approx(2.0 * float(ref), rel=0.15)  # float32 lattice vs exact kernel
+    with pytest.raises(ValueError, match="classes"):
+        NCutLoss(1.0, SRGB, SXY, classes="tagged")
+
+
 def test_ncut_is_scale_invariant_in_w() -> None:
     image, roi, probs = _image(), _roi(), _logits().softmax(1)
     assert torch.allclose(_ncut_reference(probs, image, roi, SXY, SRGB, w_scale=37.0),
@@ -131,7 +153,8 @@ def test_ncut_is_scale_invariant_in_w() -> None:
 
     def run(c: float):
         s = (probs * m).clone().requires_grad_()
-        val = _NCutFunction.apply(s, m, lambda v: c * dense_bilateral_filter(image, v, SXY, SRGB), 1e-12)
+        val = _NCutFunction.apply(s, m, lambda v: c * dense_bilateral_filter(image, v, SXY, SRGB), 1e-12,
+                                  torch.ones(B, C, dtype=s.dtype))
         return val, torch.autograd.grad(val, s)[0]
 
     (v1, g1), (v2, g2) = run(1.0), run(0.013)

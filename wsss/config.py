@@ -200,6 +200,9 @@ class SegConfig(TrainConfig):
     # >= 0: seeds the segmenter alone (init, crops, order), so several segmenter seeds share one run's
     # CAMs and pseudo masks; -1 = trainer.seed, which also seeds the CAM network
     seed: int = -1
+    # a trained segmenter's folder (another run's seg/) whose weights start train_seg where names and shapes
+    # agree, e.g. rloss's second phase: the pCE model fine-tuned with a regulariser ("" = encoder weights only)
+    init: str = ""
 
 
 @dataclass
@@ -303,6 +306,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "cam_infer.output": ("cam", "cam_rv"),
     "seg.labels": ("pseudo", "gt", "scribble", "image"),
     "seg.loss.puf.type": ("clamp", "pow", "ignore"),
+    "seg.loss.ncut.classes": ("all", "present"),
+    "seg.loss.kernelcut.ncut.classes": ("all", "present"),
+    "seg.loss.potts.relaxation": ("bilinear", "squared"),
+    "seg.loss.kernelcut.potts.relaxation": ("bilinear", "squared"),
     "eval.absent": ("union", "gt"),
     "cyclic.selection": ("last", "best_val_uses_gt"),
     "trainer.logger": ("csv", "tensorboard"),
@@ -574,6 +581,9 @@ def validate(cfg: DictConfig) -> None:
         w = OmegaConf.select(cfg, key)
         if w not in ("none", "imagenet", "efficientnet_lite0_pypi") and not Path(w).expanduser().is_file():
             raise ConfigError(f"{key}: {w!r} is neither none/imagenet/efficientnet_lite0_pypi nor an existing file")
+    init = cfg.seg.init
+    if init and not (Path(init).expanduser() / "model.safetensors").is_file():
+        raise ConfigError(f"seg.init: {init}: no model.safetensors there (give a trained segmenter's folder, e.g. runs/NAME/seg)")
     _validate_saliency(cfg.saliency)
     fc = cfg.seg.feature_cache
     if str(fc.enabled).lower() not in ("auto", "true", "false"):
@@ -655,7 +665,7 @@ def _unselected_options(cfg: DictConfig) -> set[str]:
 def _inactive_sections(cfg: DictConfig) -> set[str]:
     """Sections that are switched off (left out of stage hashes, so runs from before they existed stay valid)."""
     inactive = {"seg.convergence"} if cfg.seg.convergence.holdout == 0 else set()
-    return inactive | ({"seg.seed"} if cfg.seg.seed < 0 else set())
+    return inactive | ({"seg.seed"} if cfg.seg.seed < 0 else set()) | ({"seg.init"} if not cfg.seg.init else set())
 
 
 def _prune(node: Any, path: str, drop: set[str]) -> Any:

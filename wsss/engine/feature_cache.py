@@ -79,13 +79,15 @@ def cache_key(parts: dict[str, Any]) -> str:
     return hashlib.sha1(payload.encode()).hexdigest()[:12]
 
 
-def weights_identity(weights: str) -> str:
-    """The encoder's weights as a cache-key part: a file's path, size and modification time; else the name."""
-    path = Path(weights)
-    if path.is_file():
-        stat = path.stat()
-        return f"{path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}"
-    return weights
+def encoder_digest(encoder: nn.Module) -> str:
+    """The encoder's tensors (parameters and buffers) as a cache-key part: whatever weights it was given
+    (a named checkpoint, a file, another run's segmenter through seg.init), equal tensors give equal keys."""
+    h = hashlib.sha1()
+    for name, tensor in encoder.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
 
 
 def pad_to_multiple(image: np.ndarray, multiple: int) -> np.ndarray:

@@ -35,10 +35,13 @@ class KernelCutLoss(nn.Module):
     def __init__(self, ncut: NCutLoss, potts: PottsLoss):
         super().__init__()
         self.ncut, self.potts = ncut, potts
+        self.needs_labels = ncut.needs_labels
 
-    def forward(self, probs: Tensor, image: Tensor, roi: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
-        """-> (weighted total, weighted normalized-cut part, weighted Potts part), scalars."""
-        nc = self.ncut(probs, image, roi)
+    def forward(self, probs: Tensor, image: Tensor, roi: Optional[Tensor] = None,
+                labels: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+        """labels (B, C - 1): image tags for the normalized cut's classes="present" -> (weighted total,
+        weighted normalized-cut part, weighted Potts part), scalars."""
+        nc = self.ncut(probs, image, roi, labels)
         grid = self.potts(probs, image, roi)
         return nc + grid, nc, grid
 

@@ -37,34 +37,40 @@ class NCutOptions:
     sigma_xy: float = 100.0  # full-resolution pixels; multiplied by `scale`
     scale: float = 0.5  # computed on a downscaled output, as rloss's DenseCRF loss
     eps: float = 1e-8  # floor of d^T S_k (a class with no mass contributes 0, not 0/0)
+    # all: the paper's sum over every class; present: only background and the image's own classes (its
+    # tags, which its scribbles imply). With all 21 VOC classes the sum is a 21-way balanced cut that
+    # spreads each image over absent classes (docs/methods/scribbles.md, "normalized cut on voc12-mini")
+    classes: str = "all"
 
 
 class _NCutFunction(torch.autograd.Function):
     """sum over images and classes of 1 - S^T W S / d^T S, / N; analytic gradient from one filter pass."""
 
     @staticmethod
-    def forward(ctx, s: Tensor, roi: Tensor, filt: Callable[[Tensor], Tensor], eps: float) -> Tensor:  # type: ignore[override]
+    def forward(ctx, s: Tensor, roi: Tensor, filt: Callable[[Tensor], Tensor], eps: float,  # type: ignore[override]
+                keep: Tensor) -> Tensor:
         both = filt(torch.cat([s.detach(), roi], 1))  # (B, C + 1, H, W): W S and d = W 1_ROI in one pass
         ws, d = both[:, :-1], both[:, -1:]
         assoc = (s * ws).sum((2, 3))  # (B, C) S_k^T W S_k
         vol = (s * d).sum((2, 3))  # (B, C) d^T S_k
         den = vol.clamp_min(eps)
-        ctx.save_for_backward(ws, d, assoc, den)
+        ctx.save_for_backward(ws, d, assoc, den, keep)
         ctx.n = s.shape[0]
-        return ((vol - assoc) / den).sum() / s.shape[0]
+        return ((vol - assoc) / den * keep).sum() / s.shape[0]
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        ws, d, assoc, den = ctx.saved_tensors
-        g = -2.0 * ws / den[..., None, None] + (assoc / den.square())[..., None, None] * d
-        return grad * g / ctx.n, None, None, None
+        ws, d, assoc, den, keep = ctx.saved_tensors
+        g = (-2.0 * ws / den[..., None, None] + (assoc / den.square())[..., None, None] * d) * keep[..., None, None]
+        return grad * g / ctx.n, None, None, None, None
 
 
 def ncut_loss(probs: Tensor, image: Tensor, roi: Optional[Tensor], sigma_rgb: float, sigma_xy: float,
-              scale: float = 1.0, kernel: str = "lattice", eps: float = 1e-8) -> Tensor:
+              scale: float = 1.0, kernel: str = "lattice", eps: float = 1e-8, classes: Optional[Tensor] = None) -> Tensor:
     """Unweighted normalized-cut loss: probs (B, C, H, W) softmax, image (B, 3, H, W) 0..255, roi (B, H, W) bool -> scalar.
 
-    sigma_xy is in full-resolution pixels (multiplied by `scale`). Each image contributes at most C.
+    sigma_xy is in full-resolution pixels (multiplied by `scale`). classes (B, C) bool: the class terms
+    that count (None = all). Each image contributes at most C.
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
@@ -79,31 +85,48 @@ def ncut_loss(probs: Tensor, image: Tensor, roi: Optional[Tensor], sigma_rgb: fl
             return dense_bilateral_filter(img, v, sigma_xy * scale, sigma_rgb)
     else:
         filt = BilateralFilter(img, sigma_xy * scale, sigma_rgb, normalization="none")
-    return _NCutFunction.apply(s, m, filt, eps)
+    keep = torch.ones(probs.shape[:2], dtype=probs.dtype, device=probs.device) if classes is None else classes.to(probs.dtype)
+    return _NCutFunction.apply(s, m, filt, eps, keep)
+
+
+def image_classes(labels: Tensor) -> Tensor:
+    """Image-level tags (B, C - 1) multi-hot -> (B, C) bool: background and the tagged classes."""
+    return torch.cat([torch.ones_like(labels[:, :1], dtype=torch.bool), labels > 0.5], 1)
 
 
 class NCutLoss(nn.Module):
     """weight x normalized-cut loss of softmax probabilities (B, C, H, W) given image (B, 3, H, W) 0..255 and roi (B, H, W)."""
 
     def __init__(self, weight: float, sigma_rgb: float, sigma_xy: float, scale: float = 0.5, kernel: str = "lattice",
-                 eps: float = 1e-8):
+                 eps: float = 1e-8, classes: str = "all"):
         super().__init__()
+        if classes not in CLASS_CHOICES:
+            raise ValueError(f"classes must be one of {CLASS_CHOICES}, got {classes!r}")
         self.weight, self.sigma_rgb, self.sigma_xy, self.scale, self.kernel, self.eps = weight, sigma_rgb, sigma_xy, scale, kernel, eps
+        self.classes = classes
+        self.needs_labels = classes == "present"  # ProbabilityRegularizer then passes the image tags
 
-    def forward(self, probs: Tensor, image: Tensor, roi: Optional[Tensor] = None) -> Tensor:
-        """-> weighted scalar loss."""
-        return self.weight * ncut_loss(probs, image, roi, self.sigma_rgb, self.sigma_xy, self.scale, self.kernel, self.eps)
+    def forward(self, probs: Tensor, image: Tensor, roi: Optional[Tensor] = None, labels: Optional[Tensor] = None) -> Tensor:
+        """labels (B, C - 1): image tags, read when classes="present" -> weighted scalar loss."""
+        if self.needs_labels and labels is None:
+            raise ValueError("normalized cut with classes='present' needs the image tags (labels)")
+        keep = image_classes(labels) if self.needs_labels else None
+        return self.weight * ncut_loss(probs, image, roi, self.sigma_rgb, self.sigma_xy, self.scale, self.kernel, self.eps, keep)
 
     def extra_repr(self) -> str:
-        return f"weight={self.weight}, sigma_rgb={self.sigma_rgb}, sigma_xy={self.sigma_xy}, scale={self.scale}, kernel={self.kernel}"
+        return (f"weight={self.weight}, sigma_rgb={self.sigma_rgb}, sigma_xy={self.sigma_xy}, scale={self.scale}, "
+                f"kernel={self.kernel}, classes={self.classes}")
+
+
+CLASS_CHOICES = ("all", "present")
 
 
 def build_ncut(opts: NCutOptions) -> NCutLoss:
     """The loss module of `seg.loss.ncut` options."""
-    return NCutLoss(opts.weight, opts.sigma_rgb, opts.sigma_xy, opts.scale, eps=opts.eps)
+    return NCutLoss(opts.weight, opts.sigma_rgb, opts.sigma_xy, opts.scale, eps=opts.eps, classes=opts.classes)
 
 
-__all__ = ["NCutLoss", "NCutOptions", "build_ncut", "ncut_loss"]
+__all__ = ["NCutLoss", "NCutOptions", "build_ncut", "image_classes", "ncut_loss"]
 
 
 @REGULARIZERS.register("ncut", options=NCutOptions)

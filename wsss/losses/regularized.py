@@ -48,7 +48,9 @@ class ProbabilityRegularizer(nn.Module):
         self.loss, self.parts = loss, parts
 
     def forward(self, out: dict[str, Tensor], batch: dict[str, Any], step: int) -> tuple[Tensor, dict[str, Tensor]]:
-        value = self.loss(out["logits"].softmax(1), batch["image"], batch.get("roi"))
+        args = (out["logits"].softmax(1), batch["image"], batch.get("roi"))
+        # a loss over the image's own classes (the normalized cut's classes="present") reads its tags
+        value = self.loss(*args, labels=batch["labels"]) if getattr(self.loss, "needs_labels", False) else self.loss(*args)
         values = value if isinstance(value, tuple) else (value,)
         return values[0], {name: v.detach() for name, v in zip(self.parts, values)}
 

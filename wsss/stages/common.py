@@ -189,7 +189,7 @@ def feature_cached(rd: RunDir, module: Any, targets: Any) -> tuple[Any, dict]:
     """`targets` (a SegmentationSet) read from the frozen encoder's feature cache when seg.feature_cache
     allows it (the cache filled first), else unchanged; plus the cache's metrics ({} when off)."""
     from wsss.data.feature_crops import CachedFeatureSet
-    from wsss.engine.feature_cache import cache_key, cache_layout, fill_feature_cache, weights_identity
+    from wsss.engine.feature_cache import cache_key, cache_layout, encoder_digest, fill_feature_cache
     from wsss.errors import ConfigError
 
     seg = rd.cfg.seg
@@ -212,7 +212,7 @@ def feature_cached(rd: RunDir, module: Any, targets: Any) -> tuple[Any, dict]:
         log.info("feature cache: off (%s)", reason)
         return targets, {}
     d = rd.cfg.data
-    meta = {"encoder": seg.encoder.name, "weights": weights_identity(seg.encoder.weights),
+    meta = {"encoder": seg.encoder.name, "weights": encoder_digest(encoder),
             "output_stride": seg.encoder.output_stride, "dataset": d.dataset, "root": str(Path(d.root).expanduser().resolve()) if d.root else "",
             "split": d.train_split, "max_pixels": d.max_pixels, "image_mode": d.image_mode,
             "views": layout.views(), "levels": layout.levels}
