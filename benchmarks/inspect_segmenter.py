@@ -4,7 +4,7 @@ Reads a run directory of `wsss run` (its config.yaml) and a network state: the l
 checkpoint (`--state last`, i.e. where training was when it stopped, not the exported best weights) or
 the exported model (`--state model`). Predicts the first `--images` ids of `seg/holdout.txt` (the
 convergence protocol's held-out part; train ids without it) at scale 1 and prints:
-  - the share of pixels predicted as each class,
+  - the share of pixels predicted as each class, and in the ground truth,
   - the share of pixels predicted as a class that the image's ground truth contains (background
     counts when the image has background),
   - the mean maximum softmax probability and the mean entropy of the softmax (ln C = uniform).
@@ -54,13 +54,16 @@ def main() -> None:
 
     num_classes = len(ds.class_names)
     counts = np.zeros(num_classes)
+    gt_counts = np.zeros(num_classes)
     in_image = max_prob = entropy = 0.0
     for sid in ids:
         with torch.no_grad():
             probs = segment_probs(method, ds.load_image(sid), scales=(1.0,), flip=False)  # (C, H, W)
         pred = probs.argmax(0).numpy()
         counts += np.bincount(pred.ravel(), minlength=num_classes)
-        present = [c for c in np.unique(ds.load_mask(sid)) if c != 255]
+        mask = ds.load_mask(sid)
+        gt_counts += np.bincount(mask[mask != 255].ravel(), minlength=num_classes)[:num_classes]
+        present = [c for c in np.unique(mask) if c != 255]
         in_image += float(np.isin(pred, present).mean())
         max_prob += float(probs.max(0).values.mean())
         entropy += float(-(probs * probs.clamp_min(1e-12).log()).sum(0).mean())
@@ -70,6 +73,9 @@ def main() -> None:
     order = np.argsort(-share)
     print("predicted pixels by class: " + ", ".join(f"{ds.class_names[c]} {100 * share[c]:.1f}%" for c in order
                                                      if share[c] >= 0.005))
+    gt_share = gt_counts / gt_counts.sum()
+    print("ground truth by class: " + ", ".join(f"{ds.class_names[c]} {100 * gt_share[c]:.1f}%"
+                                                 for c in np.argsort(-gt_share) if gt_share[c] >= 0.005))
     print(f"pixels predicted as a class the image contains: {100 * in_image / n:.1f}%")
     print(f"mean max probability {max_prob / n:.3f}; mean entropy {entropy / n:.3f} (uniform: ln {num_classes} = "
           f"{math.log(num_classes):.3f})")
