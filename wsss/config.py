@@ -261,7 +261,7 @@ class TrainerConfig:
     seed: int = 0
     threads: int = 0  # torch intra-op threads (0 = library default)
     logger: str = "csv"  # csv | tensorboard
-    checkpoint_every_steps: int = 50  # also saves at each epoch end; used to resume after a kill
+    checkpoint_every_steps: int = 50  # last.ckpt every N steps and at each epoch end; a killed run resumes from it
     deterministic: bool = False
 
 

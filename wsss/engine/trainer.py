@@ -72,6 +72,19 @@ class ResumeBookkeeping(L.Callback):
             logger.save()
 
 
+class SaveAtEpochEnd(L.Callback):
+    """Writes `last.ckpt` at the end of every training epoch (after its validation, so KeepBestVal's
+    state is in it). Lightning's ModelCheckpoint with every_n_train_steps writes `last` only at those
+    steps: a run whose epochs are shorter than trainer.checkpoint_every_steps lost every epoch to a kill."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            trainer.save_checkpoint(self.path)  # every rank calls it; the strategy writes once (atomic IO)
+
+
 class KeepBestVal(L.Callback):
     """Exports the weights with the best validation mIoU seen so far to `<out>/<folder>/`, and with
     patience > 0 stops training once `patience` epochs have passed without a better one.
@@ -143,8 +156,9 @@ def build_trainer(cfg: DictConfig, out_dir: Path, epochs: int, max_steps: int, v
         devices, num_nodes, strategy = 1, 1, "auto"
     every = max(1, cfg.trainer.checkpoint_every_steps)
     # only last.ckpt (what a rerun resumes from): no second full copy of every checkpoint
+    # no version counter: SaveAtEpochEnd writes the same last.ckpt, which must be overwritten, not versioned
     ckpt = ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=every,
-                           save_on_train_epoch_end=True)
+                           enable_version_counter=False)
     if cfg.trainer.logger == "tensorboard":
         logger: Any = TensorBoardLogger(save_dir=str(out_dir), name="logs", version="")
     else:
@@ -163,7 +177,8 @@ def build_trainer(cfg: DictConfig, out_dir: Path, epochs: int, max_steps: int, v
         accelerator=accelerator(cfg), devices=devices, num_nodes=num_nodes, strategy=strategy,
         precision=cfg.trainer.precision,
         max_epochs=epochs if max_steps <= 0 else -1, max_steps=max_steps if max_steps > 0 else -1,
-        callbacks=[ckpt, ResumeBookkeeping(), *callbacks], logger=logger, plugins=[io],
+        callbacks=[ckpt, SaveAtEpochEnd(out_dir / "checkpoints" / "last.ckpt"), ResumeBookkeeping(), *callbacks],
+        logger=logger, plugins=[io],
         default_root_dir=str(out_dir), enable_model_summary=False, num_sanity_val_steps=0,
         check_val_every_n_epoch=val_every if val_every > 0 else None if max_steps > 0 else 10**9,
         log_every_n_steps=log_every, deterministic=cfg.trainer.deterministic or False,
