@@ -358,6 +358,8 @@ def _recipe_cases() -> list[Case]:
         Case("override-bad-choice", "override: a value not among the choices", (*check, "seg.loss.name=focal"),
              _nothing, ("seg.loss.name", "'focal'")),
         Case("override-no-equals", "override without '='", (*check, "seg.lr"), _nothing, ("seg.lr", "key=value")),
+        Case("seg-init-missing", "seg.init: a folder without a trained segmenter", (*check, "seg.init=nowhere"),
+             _nothing, ("seg.init", "nowhere", "no model.safetensors")),
         Case("recipe-missing", "recipe file not found", ("data", "check", "nothere.yaml", *TINY), _nothing,
              ("nothere.yaml", "not found")),
         Case("recipe-bad-yaml", "recipe file: not valid YAML", ("data", "check", "bad.yaml", *TINY),
