@@ -42,8 +42,11 @@ def main() -> None:
     ds = split_dataset(cfg, cfg.data.train_split)
     method = seg_method(cfg, ds.class_names)
     if args.state == "last":
-        ckpt = torch.load(args.run / "seg" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-        method.load_state_dict(ckpt["state_dict"], strict=False)
+        ckpt = torch.load(args.run / "seg" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+        # strict=False: a checkpoint also holds the regulariser's parameters (DFR head), which inference lacks
+        missing = method.load_state_dict(ckpt["state_dict"], strict=False).missing_keys
+        if missing:
+            raise SystemExit(f"{args.run}: the checkpoint lacks {len(missing)} tensors of this network, e.g. {missing[0]}")
         where = f"last checkpoint (epoch {ckpt['epoch']}, step {ckpt['global_step']})"
     else:
         load_weights(method.net, args.run / "seg", "seg", ds.class_names)

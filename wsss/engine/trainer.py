@@ -81,8 +81,7 @@ class SaveAtEpochEnd(L.Callback):
         self.path = path
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.sanity_checking:
-            trainer.save_checkpoint(self.path)  # every rank calls it; the strategy writes once (atomic IO)
+        trainer.save_checkpoint(self.path)  # every rank calls it; the strategy writes once (atomic IO)
 
 
 class KeepBestVal(L.Callback):
