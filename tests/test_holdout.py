@@ -123,6 +123,17 @@ def test_the_protocol_enters_stage_hashes_only_when_on():
     assert seg_hash() != seg_hash("seg.seed=0") != seg_hash("seg.seed=1")
 
 
+def test_moving_the_feature_cache_does_not_change_the_segmenter_hash():
+    """The cache root is where features live (entries are keyed by content); its scales are what they are."""
+    from wsss.config import section_hash
+
+    def seg_hash(*overrides: str) -> str:
+        return section_hash(load_recipe(None, list(overrides)), ["seg", "data"])
+
+    assert seg_hash() == seg_hash("seg.feature_cache.root=/elsewhere/fcache")
+    assert seg_hash() != seg_hash("seg.feature_cache.scales=[1.0]")
+
+
 # ---- early stopping and selection (the callback alone) ------------------------------------------------
 
 

@@ -662,6 +662,11 @@ def _unselected_options(cfg: DictConfig) -> set[str]:
     return out
 
 
+# Keys that say where files live, not what they hold: left out of stage hashes, so moving a shared
+# feature cache does not retrain the segmenters that read it (its entries are keyed by content).
+LOCATION_KEYS = frozenset({"seg.feature_cache.root"})
+
+
 def _inactive_sections(cfg: DictConfig) -> set[str]:
     """Sections that are switched off (left out of stage hashes, so runs from before they existed stay valid)."""
     inactive = {"seg.convergence"} if cfg.seg.convergence.holdout == 0 else set()
@@ -681,7 +686,7 @@ def section_hash(cfg: DictConfig, keys: list[str] | tuple[str, ...]) -> str:
     Options of components the recipe does not use are left out: registering a new method does not
     make existing runs stale.
     """
-    drop = _unselected_options(cfg) | _inactive_sections(cfg)
+    drop = _unselected_options(cfg) | _inactive_sections(cfg) | LOCATION_KEYS
     payload = {}
     for k in keys:
         value = OmegaConf.select(cfg, k)
