@@ -23,7 +23,8 @@ Tables:
              multi-scale inference, which §6 calls --cam baseline): threshold / CoV / PPMG masks made
              once, CE / PUF segmenters and one cyclic round at 3 seeds (seg.seed), and the GT row
 Runs a table needs once (CAMs, pseudo masks) are made first with trainer.seed=0 and shared through
-symlinks (`cams`, `pseudo`, `seg`); the seeds change only the segmenters.
+symlinks (`cams`, `pseudo`, `seg`); the seeds change only the segmenters. A row records the stage hashes
+of the runs it links (`<run>/links.json`) and is rerun with --force when one of them was remade.
 
     nice -n 10 python benchmarks/bench_convergence.py --table scribbles --seeds 0 1 2
     nice -n 10 python benchmarks/bench_convergence.py --table scribbles --rows pce densecrf --seeds 0
@@ -157,16 +158,35 @@ def link_upstream(out: Path, name: str, links: dict[str, str], seed: int) -> Non
     link(out, name, sources)
 
 
+def upstream_state(out: Path, links: dict[str, str], seed: int) -> dict:
+    """The config hashes of every stage of each linked run: a row's own stage hashes do not see them."""
+    state = {}
+    for sub, source in sorted(links.items()):
+        manifest = out / source.format(seed=seed) / "manifest.json"
+        stages = json.loads(manifest.read_text())["stages"] if manifest.is_file() else {}
+        state[sub] = {"run": source.format(seed=seed), "hashes": {k: v.get("config_hash") for k, v in sorted(stages.items())}}
+    return state
+
+
 def wsss_run(name: str, run: Run, seed: int, args: argparse.Namespace) -> dict:
-    """`wsss run` one run (resumes or skips what is done); its manifest's stages."""
+    """`wsss run` one run (resumes or skips what is done, reruns if a linked run changed); its manifest's stages."""
     out = Path(args.out)
     link_upstream(out, name, run.links, seed)
-    cmd = [sys.executable, "-m", "wsss", "run", str(REPO / "configs" / run.recipe), f"data.root={args.data}",
+    state, record = upstream_state(out, run.links, seed), out / name / "links.json"
+    changed = record.is_file() and json.loads(record.read_text()) != state
+    if changed:
+        print(f"{name}: a linked run changed since this run was made: rerunning it (--force)", flush=True)
+    cmd = [sys.executable, "-m", "wsss", "run", *(["--force"] if changed else []), str(REPO / "configs" / run.recipe),
+           f"data.root={args.data}",
            f"run.root={out}", f"run.name={name}", f"run.stages={run.stages}", f"{run.seed_key}={seed}",
            f"trainer.threads={args.threads}", f"seg.feature_cache.root={out / 'feature_cache'}",  # one cache for all rows
            *(o.replace("{out}", str(out)).replace("{seed}", str(seed)) for o in run.overrides), *args.set]
     with open(out / f"{name}.log", "a") as f:
         subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT)
+    if run.links:  # written after success only: a killed forced rerun is forced again
+        tmp = record.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=1))
+        tmp.replace(record)
     return json.loads((out / name / "manifest.json").read_text())["stages"]
 
 
