@@ -8,9 +8,14 @@ Parts (markdown tables on stdout):
   accuracy  the real stage (`wsss run ... run.stages=[train_seg,evaluate]`) with and without the cache at the
             same number of steps and seeds: val mIoU, stage seconds, the one-off fill time and the cache's
             size on disk (the whole voc12-mini train split).
+  validation
+            one epoch's held-out validation (the convergence protocol's 66 held-out images, full size, single
+            scale): the encoder run for every image (as before) vs each image's frozen-encoder features kept
+            from the first epoch (EncoderMemo), epochs 2.. interleaved; the ratio and the memo's memory.
 
     nice -n 10 python benchmarks/bench_feature_cache.py --part speed --rounds 3 --steps 5
     nice -n 10 python benchmarks/bench_feature_cache.py --part accuracy --steps 150 --seeds 0 1
+    nice -n 10 python benchmarks/bench_feature_cache.py --part validation --rounds 3 --threads 1
 
 Needs voc12-mini (../shared/data/voc12-mini or --data).
 """
@@ -125,9 +130,45 @@ def accuracy(args: argparse.Namespace) -> None:
             sys.stdout.flush()
 
 
+def validation(args: argparse.Namespace) -> None:
+    from wsss.config import load_recipe
+    from wsss.data.transforms import InferenceSet
+    from wsss.engine.feature_cache import probe_levels
+    from wsss.engine.inference import EncoderMemo, segment_probs
+    from wsss.stages.common import holdout_split, seg_method, split_dataset
+
+    torch.set_num_threads(args.threads)
+    print("| recipe | images | s/epoch, encoder every epoch | s/epoch, memo | speed-up | memo's first epoch (fills it), s "
+          "| memo MB | same predictions |")
+    print("|---|---|---|---|---|---|---|---|")
+    for recipe in args.recipes:
+        cfg = load_recipe(REPO / "configs" / recipe, [f"data.root={args.data}"])
+        _, held = holdout_split(split_dataset(cfg, cfg.data.train_split), cfg.seg.convergence.holdout)
+        samples = [InferenceSet(held, held.ids, ("image",))[i] for i in range(len(held.ids))]
+        module = seg_method(cfg, held.class_names).eval()
+        memo = EncoderMemo(module, module.cacheable_encoder(), probe_levels(module)[1], 1 << 30)
+        readers = {"plain": module, "memo": memo}  # plain: what validation ran before the memo
+        times: dict[str, list[float]] = {k: [] for k in readers}
+        preds: dict[str, list[torch.Tensor]] = {k: [] for k in readers}
+        for r in range(args.rounds + 1):  # round 0 fills the memo and warms the plain path up
+            for name, reader in readers.items():
+                start = time.perf_counter()
+                for sample in samples:
+                    memo.key = sample["id"]
+                    pred = segment_probs(reader, sample["image"]).argmax(0)
+                    if r == 0:
+                        preds[name].append(pred)
+                times[name].append(time.perf_counter() - start)
+        plain, cached = statistics.median(times["plain"][1:]), statistics.median(times["memo"][1:])
+        same = all(torch.equal(a, b) for a, b in zip(preds["plain"], preds["memo"]))
+        print(f"| {recipe} | {len(samples)} | {plain:.1f} | {cached:.1f} | {plain / cached:.2f}x | {times['memo'][0]:.1f} | "
+              f"{memo.bytes / 2**20:.1f} | {same} |")
+        sys.stdout.flush()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=("speed", "accuracy"), required=True)
+    p.add_argument("--part", choices=("speed", "accuracy", "validation"), required=True)
     p.add_argument("--data", type=Path, default=DATA)
     p.add_argument("--recipes", nargs="+", default=["voc12mini_scribble_pce.yaml", "voc12mini_scribble_densecrf.yaml"])
     p.add_argument("--rounds", type=int, default=3)
@@ -138,7 +179,7 @@ def main() -> None:
     p.add_argument("--out", default=str(REPO / "runs" / "bench_feature_cache"))
     p.add_argument("--set", nargs="*", default=[], help="accuracy: extra recipe overrides")
     args = p.parse_args()
-    speed(args) if args.part == "speed" else accuracy(args)
+    {"speed": speed, "accuracy": accuracy, "validation": validation}[args.part](args)
 
 
 if __name__ == "__main__":

@@ -305,3 +305,38 @@ def test_cache_key_follows_the_encoder_tensors():
     with torch.no_grad():
         same[0].weight[0, 0, 0, 0] += 1e-3
     assert encoder_digest(enc) != encoder_digest(same)
+
+
+
+def test_validation_encodes_each_image_once_and_predicts_as_before(shapes_ds):
+    """With a frozen encoder, validation (held-out or val, at every epoch) reuses each image's features."""
+    from wsss.engine.inference import segment_probs
+    from wsss.metrics import ConfusionMatrix
+
+    method = segmenter().eval()
+    samples = [shapes_ds.load(i, ("image", "mask")) for i in shapes_ds.ids]
+    expected = ConfusionMatrix(7)
+    for s in samples:
+        expected.update(segment_probs(method, s["image"]).argmax(0), s["mask"])
+    calls = []
+    method.net.model.encoder.register_forward_hook(lambda *_: calls.append(1))
+    for epoch in range(2):
+        method.val_confusion = ConfusionMatrix(7)
+        with torch.inference_mode():
+            method.validation_step(samples, 0)
+        np.testing.assert_array_equal(method.val_confusion.matrix, expected.matrix)
+        assert len(calls) == 1 + len(samples)  # the level probe + each image once, in the first epoch only
+    memo = method.validation_reader()
+    assert set(memo.store) == set(shapes_ds.ids) and all(f.numel() == 0 for f in memo.store[shapes_ds.ids[0]][:2])
+    method.val_memo_bytes = 0  # past the budget: encoded each time, same predictions
+    del method._val_memo
+    method.val_confusion = ConfusionMatrix(7)
+    with torch.inference_mode():
+        method.validation_step(samples, 0)
+    np.testing.assert_array_equal(method.val_confusion.matrix, expected.matrix)
+    assert len(calls) == 2 + 2 * len(samples) and not method.validation_reader().store
+
+
+def test_a_trainable_encoder_is_validated_without_memo():
+    method = segmenter(frozen_stages=2)
+    assert method.validation_reader() is method

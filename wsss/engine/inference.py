@@ -44,3 +44,31 @@ def segment_probs(module: Any, image: np.ndarray | torch.Tensor, scales: Sequenc
         probs = logits.softmax(1).sum(0)
         total = probs if total is None else total + probs
     return total / (len(scales) * (2 if flip else 1))
+
+
+class EncoderMemo:
+    """`segment_probs`' view of a segmentation method whose encoder is frozen: each image's encoder
+    features are computed once and reused (validation sees the same images at every epoch).
+
+    Only the levels the decoder reads are kept (`levels`), on the CPU, up to `budget_bytes`; images past the
+    budget are encoded each time. Set `key` (the image's id) before each `segment_probs(memo, image)` call
+    at a single scale without flip; the features depend on nothing else while the encoder is frozen.
+    """
+
+    def __init__(self, method: Any, encoder: torch.nn.Module, levels: Sequence[int], budget_bytes: int):
+        self.method, self.net, self.norm = method, method.net, method.norm
+        self.encoder, self.levels, self.budget = encoder, set(levels), budget_bytes
+        self.store: dict[str, list[torch.Tensor]] = {}
+        self.bytes = 0
+        self.key = ""
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Padded normalised image (1, 3, H, W) -> logits (1, C, H, W), the encoder skipped when `key` is stored."""
+        features = [f.to(x.device) for f in self.store[self.key]] if self.key in self.store else None
+        if features is None:
+            features = self.encoder(x)
+            kept = [f.cpu() if i in self.levels else f.new_empty(0, device="cpu") for i, f in enumerate(features)]
+            size = sum(f.numel() * f.element_size() for f in kept)
+            if self.key and self.bytes + size <= self.budget:
+                self.store[self.key], self.bytes = kept, self.bytes + size
+        return self.method.decode_cached(x, features)["logits"]

@@ -40,6 +40,7 @@ class SegMethod(TrainableMethod):
     """Base of segmentation methods: `net` (forward -> {"logits": (N, C, H, W), ...}), its loss, validation."""
 
     val_metric = "val/miou"  # what validation logs; train_segmenter sets holdout/miou when it validates the held-out part
+    val_memo_bytes = 1 << 30  # validation images' frozen-encoder features kept in memory (EncoderMemo)
 
     def __init__(self, seg: Any, num_classes: int, class_names: list[str], loss: Optional[LossSpec] = None,
                  options: Any = None):
@@ -66,9 +67,24 @@ class SegMethod(TrainableMethod):
     def validation_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
         from wsss.engine.inference import segment_probs
 
+        reader = self.validation_reader()
         for sample in batch:
-            pred = segment_probs(self, sample["image"], scales=(1.0,), flip=False).argmax(0)
+            if reader is not self:
+                reader.key = sample["id"]
+            pred = segment_probs(reader, sample["image"], scales=(1.0,), flip=False).argmax(0)
             self.val_confusion.update(pred, np.asarray(sample["mask"]))
+
+    def validation_reader(self) -> Any:
+        """What validation predicts with: with a frozen encoder, an EncoderMemo that encodes each image once
+        per training run (the same images come back every epoch), else the method itself."""
+        if not hasattr(self, "_val_memo"):
+            from wsss.engine.feature_cache import probe_levels
+            from wsss.engine.inference import EncoderMemo
+
+            encoder = self.cacheable_encoder()
+            self._val_memo = None if encoder is None else EncoderMemo(self, encoder, probe_levels(self)[1],
+                                                                      self.val_memo_bytes)
+        return self._val_memo or self
 
     def on_validation_epoch_end(self) -> None:
         miou = self.val_confusion.compute(self.class_names).miou
