@@ -6,7 +6,8 @@ Rows (the same CAM network and CAMs everywhere, computed once by the baseline ru
   segmentation only   AuxSegNet without the saliency branch and without refining predictions by an affinity
   + saliency task     the saliency branch and its loss, predictions not refined
   + cross-task aff.   the full network; seg.auxsegnet.rounds rounds (train -> update labels and saliency)
-Every AuxSegNet row trains seg.epochs per round on the initial labels (pseudo.method=auxsegnet: CAM +
+With --upstream (a run that stopped at pseudo), the baseline's segmenter is trained on its masks for one
+round's seg.epochs (run baseline_seg, no held-out part). Every AuxSegNet row trains seg.epochs per round on the initial labels (pseudo.method=auxsegnet: CAM +
 saliency fusion) starting from the CAM network, so round 1 of each row has the baseline segmenter's
 budget. Printed: pseudo-label mIoU on train (round 0 = initial labels; round k = after round k's
 update), val mIoU of each round's network (single scale, no CRF), seconds.
@@ -165,7 +166,17 @@ def main() -> None:
     if want("baseline") and not args.upstream:
         secs = run_wsss(base_recipe, "baseline", [*common, "run.stages=[train_cam, cam, pseudo, train_seg, evaluate]"], root, log)
     st = json.loads((base_dir / "manifest.json").read_text())["stages"]
-    base_val = st.get("evaluate", {}).get("metrics", {}).get("miou")  # an upstream run may stop at pseudo
+    base_val = st.get("evaluate", {}).get("metrics", {}).get("miou")
+    if base_val is None and want("baseline"):  # an upstream run stopped at pseudo: its segmenter at one round's budget
+        from wsss.config import load_recipe
+
+        epochs = load_recipe(aux_recipe, common).seg.epochs
+        (root / "baseline_seg").mkdir(exist_ok=True)
+        if not (root / "baseline_seg" / "pseudo").exists():
+            (root / "baseline_seg" / "pseudo").symlink_to(base_dir / "pseudo", target_is_directory=True)
+        secs = run_wsss(base_recipe, "baseline_seg", [*common, f"seg.epochs={epochs}", "seg.convergence.holdout=0",
+                                                      "seg.val_every=0", "run.stages=[train_seg, evaluate]"], root, log)
+        base_val = manifest(root, "baseline_seg")["evaluate"]["metrics"]["miou"]
     base = {"label": "baseline (threshold + DeepLabV3+)", "seconds": round(secs), "pseudo_miou": {0: st["pseudo"]["metrics"]["pseudo_miou"]},
             "val_miou": {1: base_val} if base_val is not None else {}, "cam_seed_miou": st["pseudo"]["metrics"]["cam_seed_miou"]}
     results["rows"]["baseline"] = base
