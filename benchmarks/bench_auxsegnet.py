@@ -6,10 +6,10 @@ Rows (the same CAM network and CAMs everywhere, computed once by the baseline ru
   segmentation only   AuxSegNet without the saliency branch and without refining predictions by an affinity
   + saliency task     the saliency branch and its loss, predictions not refined
   + cross-task aff.   the full network; seg.auxsegnet.rounds rounds (train -> update labels and saliency)
-With --upstream (a run that stopped at pseudo), the baseline's segmenter is trained on its masks for one
-round's seg.epochs (run baseline_seg, no held-out part). Every AuxSegNet row trains seg.epochs per round on the initial labels (pseudo.method=auxsegnet: CAM +
+Every AuxSegNet row trains seg.epochs per round on the initial labels (pseudo.method=auxsegnet: CAM +
 saliency fusion) starting from the CAM network, so round 1 of each row has the baseline segmenter's
-budget. Printed: pseudo-label mIoU on train (round 0 = initial labels; round k = after round k's
+budget. With --upstream (a run that stopped at pseudo), the baseline's segmenter is trained on its masks
+for one round's seg.epochs (run baseline_seg, no held-out part). Printed: pseudo-label mIoU on train (round 0 = initial labels; round k = after round k's
 update), val mIoU of each round's network (single scale, no CRF), seconds.
 
     python benchmarks/bench_auxsegnet.py --threads 1                 # the documented budget

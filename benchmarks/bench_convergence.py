@@ -48,6 +48,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from wsss.io import atomic
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "voc12-mini"
 
@@ -162,9 +164,10 @@ def upstream_state(out: Path, links: dict[str, str], seed: int) -> dict:
     """The config hashes of every stage of each linked run: a row's own stage hashes do not see them."""
     state = {}
     for sub, source in sorted(links.items()):
-        manifest = out / source.format(seed=seed) / "manifest.json"
+        run = source.format(seed=seed)
+        manifest = out / run / "manifest.json"
         stages = json.loads(manifest.read_text())["stages"] if manifest.is_file() else {}
-        state[sub] = {"run": source.format(seed=seed), "hashes": {k: v.get("config_hash") for k, v in sorted(stages.items())}}
+        state[sub] = {"run": run, "hashes": {k: v.get("config_hash") for k, v in sorted(stages.items())}}
     return state
 
 
@@ -184,9 +187,7 @@ def wsss_run(name: str, run: Run, seed: int, args: argparse.Namespace) -> dict:
     with open(out / f"{name}.log", "a") as f:
         subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT)
     if run.links:  # written after success only: a killed forced rerun is forced again
-        tmp = record.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=1))
-        tmp.replace(record)
+        atomic.write_json(record, state)
     return json.loads((out / name / "manifest.json").read_text())["stages"]
 
 

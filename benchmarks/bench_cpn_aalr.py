@@ -44,9 +44,8 @@ VOC_DATA = REPO.parent / "shared" / "data" / "voc12-mini"
 CAM_STAGES = "[train_cam, cam, pseudo]"
 SEG_STAGES = "[train_seg, evaluate]"
 
-# name, label, recipe, overrides, run.stages
+# name, label, recipe (configs/<data>_<recipe>.yaml), overrides, run.stages
 ROWS: list[tuple[str, str, str, list[str], str]] = [
-# (the recipe is configs/<data>_<recipe>.yaml)
     ("baseline", "multi-stage baseline (<data>_cam.yaml)", "cam", [], "[train_cam, cam, pseudo, train_seg, evaluate]"),
     ("pmm", "PMM (<data>_pmm.yaml), CAM + pseudo stages", "pmm", [], CAM_STAGES),
     ("cpn_base", "CPN baseline CAM (no pair, no PRCM; raw CAM)", "cpn",

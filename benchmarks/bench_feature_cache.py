@@ -133,8 +133,7 @@ def accuracy(args: argparse.Namespace) -> None:
 def validation(args: argparse.Namespace) -> None:
     from wsss.config import load_recipe
     from wsss.data.transforms import InferenceSet
-    from wsss.engine.feature_cache import probe_levels
-    from wsss.engine.inference import EncoderMemo, segment_probs
+    from wsss.engine.inference import segment_probs
     from wsss.stages.common import holdout_split, seg_method, split_dataset
 
     torch.set_num_threads(args.threads)
@@ -146,7 +145,7 @@ def validation(args: argparse.Namespace) -> None:
         _, held = holdout_split(split_dataset(cfg, cfg.data.train_split), cfg.seg.convergence.holdout)
         samples = [InferenceSet(held, held.ids, ("image",))[i] for i in range(len(held.ids))]
         module = seg_method(cfg, held.class_names).eval()
-        memo = EncoderMemo(module, module.cacheable_encoder(), probe_levels(module)[1], 1 << 30)
+        memo = module.validation_reader()  # what validation during training predicts with
         readers = {"plain": module, "memo": memo}  # plain: what validation ran before the memo
         times: dict[str, list[float]] = {k: [] for k in readers}
         preds: dict[str, list[torch.Tensor]] = {k: [] for k in readers}

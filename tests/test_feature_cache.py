@@ -307,7 +307,6 @@ def test_cache_key_follows_the_encoder_tensors():
     assert encoder_digest(enc) != encoder_digest(same)
 
 
-
 def test_validation_encodes_each_image_once_and_predicts_as_before(shapes_ds):
     """With a frozen encoder, validation (held-out or val, at every epoch) reuses each image's features."""
     from wsss.engine.inference import segment_probs

@@ -64,8 +64,9 @@ class EncoderMemo:
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Padded normalised image (1, 3, H, W) -> logits (1, C, H, W), the encoder skipped when `key` is stored."""
-        features = [f.to(x.device) for f in self.store[self.key]] if self.key in self.store else None
-        if features is None:
+        if self.key in self.store:
+            features = [f.to(x.device) for f in self.store[self.key]]
+        else:
             features = self.encoder(x)
             kept = [f.cpu() if i in self.levels else f.new_empty(0, device="cpu") for i, f in enumerate(features)]
             size = sum(f.numel() * f.element_size() for f in kept)
