@@ -156,7 +156,8 @@ def link_upstream(out: Path, name: str, links: dict[str, str], seed: int) -> Non
     sources = {sub: source.format(seed=seed) for sub, source in links.items()}
     for sub, source in sources.items():
         if not (out / source / sub).is_dir():
-            raise SystemExit(f"{out / name}: needs {out / source / sub}, which does not exist")
+            raise SystemExit(f"{out / name}: needs {out / source / sub}, which does not exist "
+                             f"(make it first: --setup {source} --rows)")
     link(out, name, sources)
 
 

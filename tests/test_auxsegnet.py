@@ -215,10 +215,25 @@ def test_auxsegnet_recipe_end_to_end_and_resume_by_round(tmp_path):
     for p in (run / "pseudo_r2").glob("*.png"):
         p.unlink()
     manifest = _run(tmp_path, "seg.auxsegnet.rounds=2", command="auxseg-rounds")
-    rounds = manifest["stages"]["auxseg_rounds"]["metrics"]
-    assert "r2_train" in rounds and "r1_train" not in rounds  # only round 2 was trained again
+    resumed = manifest["stages"]["auxseg_rounds"]["metrics"]
+    assert resumed["r1_train"] == rounds["r1_train"]  # round 1 kept, its record carried over
+    assert "r2_train" in resumed and (run / "seg_r2" / "model.safetensors").is_file()  # round 2 trained again
     assert (run / "seg_r1" / "model.safetensors").stat().st_mtime_ns == r1
     assert len(list((run / "pseudo_r2").glob("*.png"))) == 12
+
+    # more rounds extend the run: rounds 1-2 kept, only round 3 trained, evaluation moves to it
+    r2 = (run / "seg_r2" / "model.safetensors").stat().st_mtime_ns
+    manifest = _run(tmp_path, "seg.auxsegnet.rounds=3")
+    extended = manifest["stages"]["auxseg_rounds"]["metrics"]
+    assert (run / "seg_r1" / "model.safetensors").stat().st_mtime_ns == r1
+    assert (run / "seg_r2" / "model.safetensors").stat().st_mtime_ns == r2
+    assert extended["final_model"] == "seg_r3" and extended["r2_train"] == resumed["r2_train"]
+    assert manifest["stages"]["evaluate"]["config_hash"] != stages["evaluate"]["config_hash"]  # re-evaluated
+
+    # another change to what the rounds depend on starts them afresh, later rounds included
+    _run(tmp_path, "seg.auxsegnet.rounds=2", "seg.max_steps=3")
+    assert (run / "seg_r3.old").is_dir() and not (run / "seg_r3").exists()
+    assert (run / "seg_r1" / "model.safetensors").stat().st_mtime_ns != r1
 
 
 @pytest.mark.slow  # a CLI run (imports everything); seconds on an idle machine

@@ -57,3 +57,17 @@ def test_cyclic_best_val_option_selects_on_val(pmm_run):
     assert cyc["selection"] == "best_val_uses_gt"
     assert cyc["r1_train"]["selected_step"] > 0 and 0.0 <= cyc["r1_train"]["selected_val_miou_uses_gt"] <= 1.0
     assert (tmp / "runs" / "shapes_pmm" / "seg_r1" / "best_val" / "model.safetensors").is_file()
+
+
+def test_more_cyclic_rounds_extend_the_run(pmm_run, tmp_path):
+    import shutil
+
+    shutil.copytree(pmm_run[0], tmp_path, dirs_exist_ok=True, symlinks=True)  # the other test changes the shared run
+    _run(tmp_path, command="cyclic")  # the recipe's one round, whatever state the copy was in
+    run = tmp_path / "runs" / "shapes_pmm"
+    r1 = (run / "seg_r1" / "model.safetensors").stat().st_mtime_ns
+    before = json.loads((run / "manifest.json").read_text())["stages"]["cyclic"]["metrics"]
+    cyc = _run(tmp_path, "cyclic.rounds=2", command="cyclic")["stages"]["cyclic"]["metrics"]
+    assert (run / "seg_r1" / "model.safetensors").stat().st_mtime_ns == r1  # round 1 kept
+    assert cyc["final_model"] == "seg_r2" and cyc["r1_train"] == before["r1_train"] and "r2_train" in cyc
+    assert len(list((run / "pseudo_r2").glob("*.png"))) == 16

@@ -680,13 +680,13 @@ def _prune(node: Any, path: str, drop: set[str]) -> Any:
     return node
 
 
-def section_hash(cfg: DictConfig, keys: list[str] | tuple[str, ...]) -> str:
+def section_hash(cfg: DictConfig, keys: list[str] | tuple[str, ...], leave_out: tuple[str, ...] = ()) -> str:
     """A stable short hash of the named config sections (what a stage's outputs depend on).
 
     Options of components the recipe does not use are left out: registering a new method does not
-    make existing runs stale.
+    make existing runs stale; so are the keys in `leave_out` (full dotted paths inside `keys`).
     """
-    drop = _unselected_options(cfg) | _inactive_sections(cfg) | LOCATION_KEYS
+    drop = _unselected_options(cfg) | _inactive_sections(cfg) | LOCATION_KEYS | set(leave_out)
     payload = {}
     for k in keys:
         value = OmegaConf.select(cfg, k)

@@ -36,6 +36,7 @@ class Stage:
     command: str = ""  # CLI subcommand ("" = name with '-' for '_')
     default: bool = False  # part of the default run.stages
     model: Optional[Callable[[Any], Optional[str]]] = None  # the segmenter dir it leaves (evaluation uses the last)
+    grows: tuple[str, ...] = ()  # keys of `reads` that only add outputs (rounds): changing them keeps what is made
 
     @property
     def cli(self) -> str:
@@ -113,10 +114,12 @@ for _stage in (
           reads=("seg", "data", "trainer.seed"), after=_seg_upstream, outputs=("seg",), default=True,
           model=lambda cfg: "seg"),
     Stage("cyclic", "wsss.stages.cyclic", "cyclic pseudo-mask rounds (PMM): predict train, retrain a fresh segmenter",
-          reads=("cyclic", "seg"), after=("train_seg",), outputs=("pseudo_r*", "seg_r*"), model=_cyclic_model),
+          reads=("cyclic", "seg"), after=("train_seg",), outputs=("pseudo_r*", "seg_r*"), model=_cyclic_model,
+          grows=("cyclic.rounds",)),
     Stage("auxseg_rounds", "wsss.stages.auxseg_rounds", "AuxSegNet rounds: train, then update labels and saliency "
           "with the cross-task affinity", reads=("seg", "pseudo", "data", "trainer.seed"), after=("pseudo", "saliency"),
-          outputs=("pseudo_r*", "seg_r*"), model=lambda cfg: f"seg_r{cfg.seg.auxsegnet.rounds}"),
+          outputs=("pseudo_r*", "seg_r*"), model=lambda cfg: f"seg_r{cfg.seg.auxsegnet.rounds}",
+          grows=("seg.auxsegnet.rounds",)),
     Stage("evaluate", "wsss.stages.evaluate", "score the segmenter on a split (or any --pred/--gt folders)",
           reads=("eval",), after=model_stages, outputs=("pred", "metrics/evaluate.json"), default=True),
     Stage("report", "wsss.stages.report", "write the run's HTML report (tables, CAMs, overlays, curves)",

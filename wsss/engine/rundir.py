@@ -120,6 +120,16 @@ class RunDir:
             self._hashes[stage] = section_hash_text("|".join(parts))
         return self._hashes[stage]
 
+    def outputs_hash(self, stage: str) -> str:
+        """The stage hash without the keys that only add outputs (`Stage.grows`, e.g. rounds): while it
+        holds, what the stage made stays valid and a longer run extends it."""
+        entry = STAGES.get(stage)
+        if not entry.grows:
+            return self.stage_hash(stage)
+        upstream = tuple(u for u in entry.upstream(self.cfg) if u in self.cfg.run.stages and u != stage)
+        parts = [section_hash(self.cfg, list(entry.reads), leave_out=entry.grows)] + [self.stage_hash(u) for u in upstream]
+        return section_hash_text("|".join(parts))
+
     def is_done(self, stage: str, outputs: list[Path] | tuple[Path, ...] = ()) -> bool:
         info = self.stage_info(stage)
         return (not self.force and info.get("status") == "done" and info.get("config_hash") == self.stage_hash(stage)
@@ -129,7 +139,9 @@ class RunDir:
         """If the stage ran before with another config (or --force), or its folders hold another stage's
         outputs (two stages can write cams/), move them to `<dir>.old`."""
         info = self.stage_info(stage)
-        stale = info.get("config_hash") not in (None, self.stage_hash(stage)) or self.force
+        recorded, current = ("outputs_hash", self.outputs_hash(stage)) if "outputs_hash" in info else \
+            ("config_hash", self.stage_hash(stage))
+        stale = info.get(recorded) not in (None, current) or self.force
         if info.get("config_hash") is None and not stale:
             stale = bool(self._written_by_other(stage, dirs))
         if not stale or not dist.is_main():
@@ -157,7 +169,10 @@ class RunDir:
         """Record a stage's status and timing; the yielded dict collects its metrics."""
         metrics: dict[str, Any] = {}
         start = time.time()
-        self.update_stage(stage, status="running", config_hash=self.stage_hash(stage), started=_now())
+        hashes = {"config_hash": self.stage_hash(stage)}
+        if STAGES.get(stage).grows:
+            hashes["outputs_hash"] = self.outputs_hash(stage)
+        self.update_stage(stage, status="running", started=_now(), **hashes)
         try:
             yield metrics
         except KeyboardInterrupt:

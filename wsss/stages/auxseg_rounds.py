@@ -21,6 +21,7 @@ Evaluation and prediction use the last round's model (`seg_r<rounds>/`).
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -39,8 +40,8 @@ from wsss.io import atomic
 from wsss.io.images import write_index_png
 from wsss.pseudo.auxsegnet import AuxFusionOptions, fuse_cam_saliency, saliency_crf
 from wsss.pseudo.quality import mask_quality
-from wsss.stages.common import (inference_device, load_predictor, split_dataset, stage_main, train_segmenter,
-                                with_run_saliency)
+from wsss.stages.common import (inference_device, kept_round_metrics, load_predictor, round_outputs, split_dataset,
+                                stage_main, train_segmenter, with_run_saliency)
 
 log = logging.getLogger("wsss")
 STAGE = "auxseg_rounds"
@@ -152,13 +153,17 @@ def run(rd: RunDir) -> dict:
     if rd.is_done(STAGE, last):
         log.info("auxseg_rounds: done for this config, skipping (--force to rerun)")
         return rd.metrics(STAGE)
-    rd.reset_outputs_if_stale(STAGE, [d for k in range(1, rounds + 1) for d in (labels_dir(rd, k), model_dir(rd, k))])
+    rd.reset_outputs_if_stale(STAGE, round_outputs(rd))
     with rd.running(STAGE) as metrics:
         configure_threads(cfg)
         for k in range(1, rounds + 1):
             model = model_dir(rd, k)
             if not (model / "model.safetensors").is_file():
-                metrics[f"r{k}_train"] = train_segmenter(rd, model, "pseudo", labels_dir(rd, k - 1), init=_init_dir(rd, k, o))
+                start = time.time()
+                train = train_segmenter(rd, model, "pseudo", labels_dir(rd, k - 1), init=_init_dir(rd, k, o))
+                metrics[f"r{k}_train"] = {**train, "seconds": round(time.time() - start, 1)}
+            else:  # made by an earlier run of this config (fewer rounds, or killed)
+                metrics.update(kept_round_metrics(rd, STAGE, k))
             if k < rounds or o.update_after_last:
                 computed = update_labels(rd, k, o, fusion)
                 log.info("auxseg round %d: %d labels updated by %s", k, computed, model.name)

@@ -8,6 +8,7 @@ import argparse
 import ctypes
 import functools
 import logging
+import re
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -229,6 +230,18 @@ def feature_cached(rd: RunDir, module: Any, targets: Any) -> tuple[Any, dict]:
     cached = CachedFeatureSet(targets, cache_dir, layout, seg.crop_size, seg_seed(rd.cfg))
     where = str(cache_dir.relative_to(rd.path)) if cache_dir.is_relative_to(rd.path) else str(cache_dir)
     return cached, {"feature_cache": {"dir": where, "views": len(layout.views()), **stats}}
+
+
+def round_outputs(rd: RunDir) -> list[Path]:
+    """Every `pseudo_r<k>/` and `seg_r<k>/` in the run, whatever the current number of rounds: a stale
+    config must not leave a later round behind for a longer run to pick up."""
+    return sorted(p for p in rd.path.glob("*_r*") if re.fullmatch(r"(pseudo|seg)_r\d+", p.name))
+
+
+def kept_round_metrics(rd: RunDir, stage: str, k: int) -> dict[str, Any]:
+    """Round k's training record from the stage's last run, for a round kept when the run is extended."""
+    previous = rd.metrics(stage).get(f"r{k}_train")
+    return {f"r{k}_train": previous} if previous is not None else {}
 
 
 def seg_seed(cfg: DictConfig) -> int:

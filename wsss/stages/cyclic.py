@@ -21,6 +21,7 @@ round whose model exists is not retrained.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 from tqdm import tqdm
@@ -30,7 +31,8 @@ from wsss.engine.rundir import RunDir
 from wsss.engine.trainer import configure_threads
 from wsss.io.images import write_index_png
 from wsss.pseudo.quality import mask_quality
-from wsss.stages.common import crf_params, inference_device, load_predictor, split_dataset, stage_main, train_segmenter
+from wsss.stages.common import (crf_params, inference_device, kept_round_metrics, load_predictor, round_outputs,
+                                 split_dataset, stage_main, train_segmenter)
 
 log = logging.getLogger("wsss")
 STAGE = "cyclic"
@@ -68,7 +70,7 @@ def run(rd: RunDir) -> dict:
     if rd.is_done(STAGE, [last_model]):
         log.info("cyclic: done for this config, skipping (--force to rerun)")
         return rd.metrics(STAGE)
-    rd.reset_outputs_if_stale(STAGE, [d for k in range(1, rounds + 1) for d in round_dirs(rd, k)])
+    rd.reset_outputs_if_stale(STAGE, round_outputs(rd))
     with rd.running(STAGE) as metrics:
         configure_threads(cfg)
         source = rd.sub("seg")
@@ -82,9 +84,12 @@ def run(rd: RunDir) -> dict:
             if masks.is_dir():
                 metrics.update(_mask_metrics(rd, masks, k))
             if not trained:
+                start = time.time()
                 result = train_segmenter(rd, model, "pseudo", masks, cfg.cyclic.loss,
                                          keep_best_val=cfg.cyclic.selection == "best_val_uses_gt")
-                metrics[f"r{k}_train"] = result
+                metrics[f"r{k}_train"] = {**result, "seconds": round(time.time() - start, 1)}
+            else:  # made by an earlier run of this config (fewer rounds, or killed)
+                metrics.update(kept_round_metrics(rd, STAGE, k))
             source = model
         metrics.update(rounds=rounds, selection=cfg.cyclic.selection, final_model=source.name)
     return metrics
