@@ -205,9 +205,12 @@ def main() -> None:
             row["val_miou"][k] = round(val_miou(aux_recipe, [*ov, f"run.root={root}", f"run.name={name}"],
                                                 run_dir / f"seg_r{k}"), 4)
         row["evaluate_stage_miou"] = manifest(root, name)["evaluate"]["metrics"]["miou"]
+        # per-round training seconds (recorded since rounds could be added to a finished run; None before)
+        row["train_seconds"] = {k: (rounds.get(f"r{k}_train") or {}).get("seconds") for k in range(1, n + 1)}
         results["rows"][name] = row
         print(f"{label}: pseudo mIoU by round {[round(100 * v, 2) for v in row['pseudo_miou'].values()]}, "
-              f"val mIoU by round {[round(100 * v, 2) for v in row['val_miou'].values()]} ({secs:.0f} s)", flush=True)
+              f"val mIoU by round {[round(100 * v, 2) for v in row['val_miou'].values()]}, "
+              f"training s by round {list(row['train_seconds'].values())} ({secs:.0f} s in this invocation)", flush=True)
 
     print("\n| row | pseudo mIoU r0 (train) | round | val mIoU | pseudo mIoU after the round's update |")
     print("|---|---|---|---|---|")
