@@ -134,6 +134,20 @@ def test_moving_the_feature_cache_does_not_change_the_segmenter_hash():
     assert seg_hash() != seg_hash("seg.feature_cache.scales=[1.0]")
 
 
+def test_more_rounds_keep_the_outputs_hash_but_not_the_stage_hash(tmp_path):
+    from wsss.config import load_recipe
+    from wsss.engine.rundir import RunDir
+
+    def hashes(*overrides: str) -> tuple[str, str, str]:
+        rd = RunDir(load_recipe("configs/shapes_pmm.yaml", [f"run.root={tmp_path}", *overrides]))
+        return rd.stage_hash("cyclic"), rd.outputs_hash("cyclic"), rd.stage_hash("evaluate")
+
+    one, two, lr = hashes("cyclic.rounds=1"), hashes("cyclic.rounds=2"), hashes("cyclic.rounds=2", "seg.lr=0.5")
+    assert one[1] == two[1] and one[0] != two[0]  # the rounds made stay valid; the stage still reruns
+    assert one[2] != two[2]  # evaluation moves to the new last round
+    assert lr[1] != two[1]  # anything else the rounds read starts them afresh
+
+
 # ---- early stopping and selection (the callback alone) ------------------------------------------------
 
 

@@ -114,20 +114,19 @@ class RunDir:
     def stage_hash(self, stage: str) -> str:
         """Hash of what the stage's outputs depend on (its config sections and upstream hashes)."""
         if stage not in self._hashes:
-            entry = STAGES.get(stage)  # what the stage table says its outputs depend on
-            upstream = tuple(u for u in entry.upstream(self.cfg) if u in self.cfg.run.stages and u != stage)
-            parts = [section_hash(self.cfg, list(entry.reads))] + [self.stage_hash(u) for u in upstream]
-            self._hashes[stage] = section_hash_text("|".join(parts))
+            self._hashes[stage] = self._hash(stage)
         return self._hashes[stage]
 
     def outputs_hash(self, stage: str) -> str:
         """The stage hash without the keys that only add outputs (`Stage.grows`, e.g. rounds): while it
         holds, what the stage made stays valid and a longer run extends it."""
-        entry = STAGES.get(stage)
-        if not entry.grows:
-            return self.stage_hash(stage)
+        grows = STAGES.get(stage).grows
+        return self._hash(stage, leave_out=grows) if grows else self.stage_hash(stage)
+
+    def _hash(self, stage: str, leave_out: tuple[str, ...] = ()) -> str:
+        entry = STAGES.get(stage)  # what the stage table says its outputs depend on
         upstream = tuple(u for u in entry.upstream(self.cfg) if u in self.cfg.run.stages and u != stage)
-        parts = [section_hash(self.cfg, list(entry.reads), leave_out=entry.grows)] + [self.stage_hash(u) for u in upstream]
+        parts = [section_hash(self.cfg, list(entry.reads), leave_out=leave_out)] + [self.stage_hash(u) for u in upstream]
         return section_hash_text("|".join(parts))
 
     def is_done(self, stage: str, outputs: list[Path] | tuple[Path, ...] = ()) -> bool:
