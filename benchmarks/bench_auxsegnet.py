@@ -6,6 +6,8 @@ Rows (the same CAM network and CAMs everywhere, computed once by the baseline ru
   segmentation only   AuxSegNet without the saliency branch and without refining predictions by an affinity
   + saliency task     the saliency branch and its loss, predictions not refined
   + cross-task aff.   the full network; seg.auxsegnet.rounds rounds (train -> update labels and saliency)
+  full_fixed_labels   (only with --only) the full network's rounds without label updates: a control that
+                      separates what the updates do from what the warm-started rounds' extra training does
 Every AuxSegNet row trains seg.epochs per round on the initial labels (pseudo.method=auxsegnet: CAM +
 saliency fusion) starting from the CAM network, so round 1 of each row has the baseline segmenter's
 budget. With --upstream (a run that stopped at pseudo), the baseline's segmenter is trained on its masks
@@ -53,7 +55,12 @@ ROWS = [  # name, label, overrides, stages, links {entry: source row}
      "[auxseg_rounds, evaluate]", {"cam": "baseline", "cams": "baseline", "pseudo": "seg_only"}),
     ("full", "+ cross-task affinity", [], "[auxseg_rounds, evaluate]",
      {"cam": "baseline", "cams": "baseline", "pseudo": "seg_only"}),
+    # control for the rounds: the same training, labels never updated (not in the default rows)
+    ("full_fixed_labels", "+ cross-task affinity, labels not updated", ["seg.auxsegnet.update_labels=false"],
+     "[auxseg_rounds, evaluate]", {"cam": "baseline", "cams": "baseline", "pseudo": "seg_only"}),
 ]
+ROUNDS_ROWS = ("full", "full_fixed_labels")  # rows that run --rounds rounds
+DEFAULT_ROWS = ("baseline", "seg_only", "plus_sal", "full")
 
 
 def run_wsss(recipe: Path, name: str, overrides: list[str], root: Path, log: Path) -> float:
@@ -132,7 +139,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=4, help="rounds of the full row")
     parser.add_argument("--set", nargs="*", default=[], help="extra overrides for every row")
-    parser.add_argument("--only", nargs="*", default=[], help="run only these rows (baseline seg_only plus_sal full), "
+    parser.add_argument("--only", nargs="*", default=[], help="run only these rows (baseline seg_only plus_sal full; full_fixed_labels), "
                         "e.g. in parallel processes once the baseline's CAMs and seg_only's labels exist")
     parser.add_argument("--memory", action="store_true", help="only measure the affinity part's peak memory")
     parser.add_argument("--data", choices=("shapes", "voc12mini"), default="shapes",
@@ -160,7 +167,7 @@ def main() -> None:
     log = root / "bench.log"
     results: dict[str, Any] = {"budget": common, "rounds": args.rounds, "rows": {}}
 
-    want = lambda row: not args.only or row in args.only  # noqa: E731
+    want = lambda row: row in (args.only or DEFAULT_ROWS)  # noqa: E731
     base_dir = Path(args.upstream).resolve() if args.upstream else root / "baseline"
     secs = 0.0
     if want("baseline") and not args.upstream:
@@ -192,7 +199,7 @@ def main() -> None:
             link = run_dir / entry
             if not link.exists():
                 link.symlink_to((base_dir if source == "baseline" else root / source) / entry, target_is_directory=True)
-        rows = overrides if name != "full" else [f"seg.auxsegnet.rounds={args.rounds}"]
+        rows = [*overrides, f"seg.auxsegnet.rounds={args.rounds}"] if name in ROUNDS_ROWS else overrides
         ov = [*common, *rows, f"run.stages={stages}"]
         secs = run_wsss(aux_recipe, name, ov, root, log)
         rounds = manifest(root, name)["auxseg_rounds"]["metrics"]
@@ -208,7 +215,7 @@ def main() -> None:
         # per-round training seconds (recorded since rounds could be added to a finished run; None before)
         row["train_seconds"] = {k: (rounds.get(f"r{k}_train") or {}).get("seconds") for k in range(1, n + 1)}
         results["rows"][name] = row
-        print(f"{label}: pseudo mIoU by round {[round(100 * v, 2) for v in row['pseudo_miou'].values()]}, "
+        print(f"{label}: pseudo mIoU by round {[None if v is None else round(100 * v, 2) for v in row['pseudo_miou'].values()]}, "
               f"val mIoU by round {[round(100 * v, 2) for v in row['val_miou'].values()]}, "
               f"training s by round {list(row['train_seconds'].values())} ({secs:.0f} s in this invocation)", flush=True)
 

@@ -235,6 +235,30 @@ def test_auxsegnet_recipe_end_to_end_and_resume_by_round(tmp_path):
     assert (run / "seg_r3.old").is_dir() and not (run / "seg_r3").exists()
     assert (run / "seg_r1" / "model.safetensors").stat().st_mtime_ns != r1
 
+    # the control: rounds without label updates train on the initial labels and write none
+    rounds = _run(tmp_path, "seg.auxsegnet.rounds=2", "seg.auxsegnet.update_labels=false")["stages"]["auxseg_rounds"]
+    assert rounds["status"] == "done" and not any(k.endswith("_pseudo_miou") for k in rounds["metrics"])
+    assert not (run / "pseudo_r1").exists() and (run / "seg_r2" / "model.safetensors").is_file()
+
+
+def test_an_option_added_at_its_earlier_behaviour_leaves_hashes_alone():
+    from omegaconf import OmegaConf
+
+    from wsss.config import LATER_OPTIONS, load_recipe, section_hash
+
+    cfg = load_recipe("configs/shapes_auxsegnet.yaml")
+    assert section_hash(cfg, ["seg"]) != \
+        section_hash(load_recipe("configs/shapes_auxsegnet.yaml", ["seg.auxsegnet.update_labels=false"]), ["seg"])
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    hashed = section_hash(OmegaConf.create(plain), ["seg"])
+    for key in LATER_OPTIONS:  # the recipe as it was before the options existed
+        *parents, name = key.split(".")
+        node = plain
+        for p in parents:
+            node = node[p]
+        del node[name]
+    assert section_hash(OmegaConf.create(plain), ["seg"]) == hashed
+
 
 @pytest.mark.slow  # a CLI run (imports everything); seconds on an idle machine
 def test_missing_saliency_is_a_one_line_error(make_voc, tmp_path, capsys):

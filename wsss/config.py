@@ -667,9 +667,15 @@ def _unselected_options(cfg: DictConfig) -> set[str]:
 LOCATION_KEYS = frozenset({"seg.feature_cache.root"})
 
 
+# Options added after runs existed, with the value that keeps the earlier behaviour: left out of stage
+# hashes at that value, so adding them did not make finished runs stale.
+LATER_OPTIONS = {"seg.auxsegnet.update_labels": True}
+
+
 def _inactive_sections(cfg: DictConfig) -> set[str]:
     """Sections that are switched off (left out of stage hashes, so runs from before they existed stay valid)."""
     inactive = {"seg.convergence"} if cfg.seg.convergence.holdout == 0 else set()
+    inactive |= {key for key, value in LATER_OPTIONS.items() if OmegaConf.select(cfg, key) == value}
     return inactive | ({"seg.seed"} if cfg.seg.seed < 0 else set()) | ({"seg.init"} if not cfg.seg.init else set())
 
 

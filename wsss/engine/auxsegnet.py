@@ -51,6 +51,7 @@ class AuxSegNetOptions:
     init_from_cam: bool = True  # round 1 starts from the trained CAM network (official --init_weights)
     warm_start: bool = True  # round k > 1 starts from round k-1's network (official main.py)
     update_after_last: bool = True  # also update labels after the last round (official; reported only)
+    update_labels: bool = True  # false: every round trains on the initial labels (a control: the rounds' training alone)
     saliency_from: str = "initial"  # fuse the network's saliency with: initial | previous round's map
     sal_crf: CRFConfig = field(default_factory=lambda: CRFConfig(preset="auxsegnet_sal"))
     sal_crf_tau: float = 1.05  # crf_for_sal's unary temperature

@@ -149,7 +149,8 @@ def run(rd: RunDir) -> dict:
     o: AuxSegNetOptions = options(cfg, "seg", "auxsegnet")
     fusion: AuxFusionOptions = options(cfg, "pseudo", "auxsegnet")
     rounds = o.rounds
-    last = [model_dir(rd, rounds) / "model.safetensors"] + ([labels_dir(rd, rounds)] if o.update_after_last else [])
+    updates = o.update_labels
+    last = [model_dir(rd, rounds) / "model.safetensors"] + ([labels_dir(rd, rounds)] if updates and o.update_after_last else [])
     if rd.is_done(STAGE, last):
         log.info("auxseg_rounds: done for this config, skipping (--force to rerun)")
         return rd.metrics(STAGE)
@@ -160,11 +161,12 @@ def run(rd: RunDir) -> dict:
             model = model_dir(rd, k)
             if not (model / "model.safetensors").is_file():
                 start = time.time()
-                train = train_segmenter(rd, model, "pseudo", labels_dir(rd, k - 1), init=_init_dir(rd, k, o))
+                labels = labels_dir(rd, k - 1 if updates else 0)
+                train = train_segmenter(rd, model, "pseudo", labels, init=_init_dir(rd, k, o))
                 metrics[f"r{k}_train"] = {**train, "seconds": round(time.time() - start, 1)}
             else:  # made by an earlier run of this config (fewer rounds, or killed)
                 metrics.update(kept_round_metrics(rd, STAGE, k))
-            if k < rounds or o.update_after_last:
+            if updates and (k < rounds or o.update_after_last):
                 computed = update_labels(rd, k, o, fusion)
                 log.info("auxseg round %d: %d labels updated by %s", k, computed, model.name)
                 metrics.update(_quality(rd, k))
