@@ -95,7 +95,7 @@ def test_training_on_cached_features_gives_the_image_path_loss(shapes_ds, tmp_pa
     x = method.prepare(batch["image"])
     cached_loss, _ = method.loss(x, batch)
     image_loss, _ = method.loss(x, {k: v for k, v in batch.items() if k != "features"})
-    assert float(cached_loss) == pytest.approx(float(image_loss), rel=1e-3)
+    assert cached_loss.item() == pytest.approx(image_loss.item(), rel=1e-3)
     cached_loss.backward()
     assert all(p.grad is None for p in method.cacheable_encoder().parameters())  # nothing flows into the encoder
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in method.net.model.decoder.parameters())
