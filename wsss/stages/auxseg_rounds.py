@@ -12,9 +12,11 @@ Round k = 1..seg.auxsegnet.rounds (official 4):
        (preset auxsegnet_sal, crf_for_sal's unaries) -> `pseudo_r<k>/saliency/<id>.png`;
        labels: the fusion rule of pseudo.auxsegnet (wsss/pseudo/auxsegnet.py) -> `pseudo_r<k>/<id>.png`.
 Each round's label mIoU (train GT, reported only) goes to the manifest as r<k>_pseudo_miou.
+With update_labels=false (a control) every round trains on `pseudo/` and step 2 is skipped.
 
 Resumable by round: a round whose model exists is not retrained, a killed training resumes from its
 checkpoint, label updates resume from the first missing image; per-image work is sharded under torchrun.
+More rounds extend a finished run (seg.auxsegnet.rounds is the stage table's `grows` key).
 Evaluation and prediction use the last round's model (`seg_r<rounds>/`).
 """
 
