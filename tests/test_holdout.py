@@ -94,6 +94,7 @@ def test_select_is_a_copy_with_only_the_given_ids(make_voc):
     (["seg.convergence.holdout=0.2", "cyclic.rounds=1", "cyclic.selection=best_val_uses_gt"],
      "cyclic.selection: best_val_uses_gt selects on val ground truth"),
     (["seg.seed=-2"], "seg.seed: a seed >= 0, or -1 for trainer.seed"),
+    (["cyclic.rounds=-1"], "cyclic.rounds: the number of cyclic pseudo-mask rounds, >= 0 (0 = off), got -1"),
 ])
 def test_bad_protocol_values_are_one_line_config_errors(overrides, needle):
     with pytest.raises(ConfigError) as err:
