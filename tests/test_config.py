@@ -33,10 +33,16 @@ def test_defaults_and_override_types():
     ("data.dataset=voc12", "data.root: required"),
     ("pseudo.crf_params.preset=nope", "pseudo.crf_params.preset"),
     ("seg.lr", "expected key=value"),
+    ("seg.crop_size=-8", "seg.crop_size: crop side in pixels, >= 1, got -8"),
+    ("trainer.num_workers=-1", "trainer.num_workers: data-loader workers, >= 0, got -1"),
+    ("cam.lr=0", "cam.lr: a learning rate > 0, got 0"),
+    ("pseudo.bg_threshold=2", "pseudo.bg_threshold: a CAM score in [0, 1], got 2.0"),
+    # the selected components' own option checks run at load time, not mid-run
+    (("seg.method=auxsegnet", "seg.auxsegnet.rounds=0"), "seg.auxsegnet.rounds: must be >= 1"),
 ])
 def test_bad_overrides_name_the_key(override, needle):
     with pytest.raises(ConfigError, match=None) as err:
-        load_recipe(None, [override])
+        load_recipe(None, list(override) if isinstance(override, tuple) else [override])
     assert needle in str(err.value)
 
 

@@ -264,14 +264,18 @@ def test_voc12mini_group_recipe_on_real_images(voc_mini: Path, tmp_path: Path):
     assert len(list((tmp_path / "runs" / "voc12mini_group" / "pseudo").glob("*.png"))) == 4
 
 
-def test_bad_group_options_are_config_errors():
-    from wsss.cam.group_wsss import GroupWSSS
-    from wsss.config import CamConfig
+def test_bad_group_options_are_config_errors_when_the_recipe_loads():
+    from wsss.config import load_recipe
     from wsss.errors import ConfigError
 
-    for bad in (GroupOptions(node="pixels"), GroupOptions(group_size=0), GroupOptions(color_jitter=[0.3])):
-        with pytest.raises(ConfigError, match="cam.group"):
-            GroupWSSS(_backbone(), 4, CamConfig(), bad)
+    for bad, needle in ((["cam.group.node=pixels"], "cam.group.node: 'pixels' is not one of cams, features"),
+                        (["cam.group.group_size=0"], "cam.group: group_size (0)"),
+                        (["cam.group.color_jitter=[0.3]"], "cam.group.color_jitter")):
+        with pytest.raises(ConfigError) as err:
+            load_recipe("configs/shapes_group.yaml", bad)
+        assert needle in str(err.value)
+    with pytest.raises(ConfigError, match="cam.group.aggregate"):
+        GroupOptions(aggregate="sum")  # the options object checks itself, wherever it is built
 
 
 def test_pseudo_masks_depend_on_the_accumulated_maps(tmp_path):

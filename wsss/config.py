@@ -567,6 +567,8 @@ def validate(cfg: DictConfig) -> None:
         if o.epochs < 1 and o.max_steps < 1:
             raise ConfigError(f"{key}: set epochs >= 1 or max_steps >= 1")
     _validate_convergence(cfg)
+    _validate_ranges(cfg)
+    _validate_selected_options(cfg)
     d = cfg.data
     if d.dataset != "shapes":
         if not d.root:
@@ -590,6 +592,40 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"seg.feature_cache.enabled: {fc.enabled!r} is not one of auto, true, false")
     if any(v <= 0 for v in fc.scales):
         raise ConfigError(f"seg.feature_cache.scales: positive view scales, got {list(fc.scales)}")
+
+
+# Numeric keys with a plain range (key -> (lowest allowed, what the key is)); None values are skipped.
+RANGES = {
+    "cam.crop_size": (1, "crop side in pixels"), "seg.crop_size": (1, "crop side in pixels"),
+    "cam.max_steps": (0, "optimiser steps (0 = epochs decide)"), "seg.max_steps": (0, "optimiser steps (0 = epochs decide)"),
+    "seg.val_every": (0, "epochs between val logs (0 = off)"), "data.max_images": (0, "images per split (0 = all)"),
+    "trainer.threads": (0, "torch threads (0 = library default)"), "trainer.num_workers": (0, "data-loader workers"),
+    "trainer.checkpoint_every_steps": (0, "steps between checkpoints"), "report.samples": (0, "images shown in the report"),
+}
+
+
+def _validate_ranges(cfg: DictConfig) -> None:
+    """The plain numeric ranges of RANGES, learning rates > 0 and the background threshold in [0, 1]."""
+    for key, (low, what) in RANGES.items():
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value < low:
+            raise ConfigError(f"{key}: {what}, >= {low}, got {value}")
+    for key in ("cam.lr", "seg.lr"):
+        value = OmegaConf.select(cfg, key)
+        if value is not None and not value > 0:
+            raise ConfigError(f"{key}: a learning rate > 0, got {value}")
+    if not 0 <= cfg.pseudo.bg_threshold <= 1:
+        raise ConfigError(f"pseudo.bg_threshold: a CAM score in [0, 1], got {cfg.pseudo.bg_threshold}")
+
+
+def _validate_selected_options(cfg: DictConfig) -> None:
+    """Build the option objects of the components the recipe picked: their own checks run now, not mid-run."""
+    for key, reg in _registries():
+        name = OmegaConf.select(cfg, key)
+        if reg.section and name in reg.options:
+            node = OmegaConf.select(cfg, f"{reg.section}.{name}")
+            if isinstance(node, DictConfig):
+                OmegaConf.to_object(node)
 
 
 def _validate_convergence(cfg: DictConfig) -> None:

@@ -67,6 +67,17 @@ class GroupOptions:
     lr_decay_epochs: list[int] = field(default_factory=lambda: [5, 10])  # lr x lr_decay at these epochs; [] = poly
     lr_decay: float = 0.1
 
+    def __post_init__(self) -> None:  # runs when a recipe is loaded (config._validate_selected_options)
+        for key, value, allowed in (("node", self.node, ("cams", "features")), ("aggregate", self.aggregate, ("concat", "mean")),
+                                    ("accumulate_nodes", self.accumulate_nodes, ("anchor", "all"))):
+            if value not in allowed:
+                raise ConfigError(f"cam.group.{key}: {value!r} is not one of {', '.join(allowed)}")
+        if self.group_size < 1 or self.steps < 0 or self.size < 1:
+            raise ConfigError(f"cam.group: group_size ({self.group_size}) and size ({self.size}) must be >= 1, "
+                              f"steps ({self.steps}) >= 0")
+        if len(self.color_jitter) not in (0, 4):
+            raise ConfigError(f"cam.group.color_jitter: [brightness, contrast, saturation, hue] or [], got {list(self.color_jitter)}")
+
 
 class GroupViews(Dataset):
     """Training images resized to a square (the code's transform): image (3, S, S) 0..255, labels (K,), id, flipped."""
@@ -114,14 +125,6 @@ class GroupWSSS(CamMethod):
         from wsss.models.group_graph import GraphDropout, GroupNet
 
         o = options or GroupOptions()
-        for key, value, allowed in (("node", o.node, ("cams", "features")), ("aggregate", o.aggregate, ("concat", "mean")),
-                                    ("accumulate_nodes", o.accumulate_nodes, ("anchor", "all"))):
-            if value not in allowed:
-                raise ConfigError(f"cam.group.{key}: {value!r} is not one of {', '.join(allowed)}")
-        if o.group_size < 1 or o.steps < 0 or o.size < 1:
-            raise ConfigError(f"cam.group: group_size ({o.group_size}) and size ({o.size}) must be >= 1, steps ({o.steps}) >= 0")
-        if len(o.color_jitter) not in (0, 4):
-            raise ConfigError(f"cam.group.color_jitter: [brightness, contrast, saturation, hue] or [], got {list(o.color_jitter)}")
         dropout = GraphDropout(o.drop_rate, o.drop_threshold, o.dropout_at_eval) if o.graph_dropout else None
         self.group_options = o
         self._mined: Optional[dict[str, Any]] = None
