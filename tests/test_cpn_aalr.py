@@ -131,16 +131,19 @@ def test_prcm_matches_official_reshape_and_the_paper_transpose():
     assert spatial_gather(f, d).shape == (1, 4, 3)
 
 
-def test_bad_options_are_config_errors():
-    from wsss.cam.cpn import CPN, CPNOptions
-    from wsss.config import BackboneConfig, TrainConfig
-    from wsss.engine.aalr import AALROptions, _check
+def test_bad_options_are_config_errors_when_the_recipe_loads():
+    from wsss.cam.cpn import CPNOptions
+    from wsss.config import load_recipe
+    from wsss.engine.aalr import AALROptions
     from wsss.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="prcm_keys"):
-        CPN(BackboneConfig(name="test_resnet"), 3, TrainConfig(), CPNOptions(prcm_keys="paper"))
-    with pytest.raises(ConfigError, match="ignore_band"):
-        _check(AALROptions(ignore_band=[0.5, 0.1]))
+    with pytest.raises(ConfigError, match="cam.cpn.prcm_keys: 'paper'"):
+        load_recipe("configs/shapes_cpn.yaml", ["cam.cpn.prcm_keys=paper"])
+    with pytest.raises(ConfigError, match="seg.aalr.ignore_band"):
+        load_recipe("configs/shapes_aalr.yaml", ["seg.aalr.ignore_band=[0.5,0.1]"])
+    for build in (lambda: CPNOptions(strategy="hexagons"), lambda: AALROptions(lr_temperature=0)):
+        with pytest.raises(ConfigError):  # the options objects check themselves wherever they are built
+            build()
 
 
 # ---- CPN losses ----------------------------------------------------------------------------------

@@ -44,16 +44,15 @@ class CPNOptions:
     cpcr_weight: float = 1.0  # complementary cross regularisation with OHEM (L_cpcr)
     cpcr_topk: float = 0.2  # OHEM fraction
 
-
-def _check(o: CPNOptions) -> None:
-    if o.prcm_keys not in ("view", "transpose"):
-        raise ConfigError(f"cam.cpn.prcm_keys: {o.prcm_keys!r} is not one of view, transpose")
-    if o.strategy not in ("superpixel", "grid"):
-        raise ConfigError(f"cam.cpn.strategy: {o.strategy!r} is not one of superpixel, grid")
-    if not 0 < o.cpcr_topk <= 1 or not 0 < o.hide_fraction < 1:
-        raise ConfigError("cam.cpn: cpcr_topk must be in (0, 1] and hide_fraction in (0, 1)")
-    if o.strategy == "grid" and (not o.grid_sizes or min(o.grid_sizes) < 1):
-        raise ConfigError("cam.cpn.grid_sizes: needs at least one positive cell size")
+    def __post_init__(self) -> None:  # runs when a recipe is loaded (config._validate_selected_options)
+        if self.prcm_keys not in ("view", "transpose"):
+            raise ConfigError(f"cam.cpn.prcm_keys: {self.prcm_keys!r} is not one of view, transpose")
+        if self.strategy not in ("superpixel", "grid"):
+            raise ConfigError(f"cam.cpn.strategy: {self.strategy!r} is not one of superpixel, grid")
+        if not 0 < self.cpcr_topk <= 1 or not 0 < self.hide_fraction < 1:
+            raise ConfigError("cam.cpn: cpcr_topk must be in (0, 1] and hide_fraction in (0, 1)")
+        if self.strategy == "grid" and (not self.grid_sizes or min(self.grid_sizes) < 1):
+            raise ConfigError("cam.cpn.grid_sizes: needs at least one positive cell size")
 
 
 @CAM_METHODS.register("cpn", options=CPNOptions)
@@ -64,7 +63,6 @@ class CPN(Seam):
         from wsss.models.cpn import CPNCAMNet
 
         o = options or CPNOptions()
-        _check(o)
         return CPNCAMNet(backbone, num_classes, prcm=o.prcm, prcm_keys=o.prcm_keys, dropout=o.dropout)
 
     def loss(self, x: torch.Tensor, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -88,5 +86,4 @@ class CPN(Seam):
         from wsss.cam.patches import ComplementaryPairSet
 
         o = options or CPNOptions()
-        _check(o)
         return train_loader(ComplementaryPairSet(dataset, o) if o.pair else dataset, batch_size, num_workers, seed)

@@ -48,16 +48,15 @@ class AALROptions:
     lr_margin: float = 0.1  # reassign when another prototype's cosine beats the label's by this much
     lr_temperature: float = 0.1  # temperature of the prototype cross entropy
 
-
-def _check(o: AALROptions) -> None:
-    if o.ignore_band and (len(o.ignore_band) != 2 or not 0 <= o.ignore_band[0] <= o.ignore_band[1] <= 1):
-        raise ConfigError(f"seg.aalr.ignore_band: expected [] or [low, high] within [0, 1], got {list(o.ignore_band)}")
-    if not 0 <= o.warmup_fraction < 1:
-        raise ConfigError(f"seg.aalr.warmup_fraction: must be in [0, 1), got {o.warmup_fraction}")
-    if o.aa_weight > 0 and (not o.aa_dilations or min(o.aa_dilations) < 1):
-        raise ConfigError("seg.aalr.aa_dilations: needs at least one positive offset")
-    if o.lr_temperature <= 0:
-        raise ConfigError("seg.aalr.lr_temperature: must be > 0")
+    def __post_init__(self) -> None:  # runs when a recipe is loaded (config._validate_selected_options)
+        if self.ignore_band and (len(self.ignore_band) != 2 or not 0 <= self.ignore_band[0] <= self.ignore_band[1] <= 1):
+            raise ConfigError(f"seg.aalr.ignore_band: expected [] or [low, high] within [0, 1], got {list(self.ignore_band)}")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ConfigError(f"seg.aalr.warmup_fraction: must be in [0, 1), got {self.warmup_fraction}")
+        if self.aa_weight > 0 and (not self.aa_dilations or min(self.aa_dilations) < 1):
+            raise ConfigError("seg.aalr.aa_dilations: needs at least one positive offset")
+        if self.lr_temperature <= 0:
+            raise ConfigError("seg.aalr.lr_temperature: must be > 0")
 
 
 @SEG_METHODS.register("aalr", options=AALROptions)
@@ -69,7 +68,6 @@ class AALR(SegMethod):
     def build_net(self, seg: Any, num_classes: int, options: Any) -> nn.Module:
         from wsss.models.aalr import AALRNet
 
-        _check(options or AALROptions())
         return AALRNet(seg.arch, seg.encoder, num_classes, dict(seg.arch_kwargs))
 
     def on_train_start(self) -> None:
