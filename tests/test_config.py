@@ -35,8 +35,11 @@ def test_defaults_and_override_types():
     ("seg.lr", "expected key=value"),
     ("seg.crop_size=-8", "seg.crop_size: crop side in pixels, >= 1, got -8"),
     ("trainer.num_workers=-1", "trainer.num_workers: data-loader workers, >= 0, got -1"),
-    ("cam.lr=0", "cam.lr: a learning rate > 0, got 0"),
+    ("cam.lr=-0.1", "cam.lr: a learning rate >= 0, got -0.1"),
     ("pseudo.bg_threshold=2", "pseudo.bg_threshold: a CAM score in [0, 1], got 2.0"),
+    ("seg.momentum=1.5", "seg.momentum: SGD momentum in [0, 1), got 1.5"),
+    ("seg.weight_decay=-1", "seg.weight_decay: weight decay, >= 0, got -1.0"),
+    ("trainer.precision=banana", "trainer.precision: 'banana' is not one of 32-true"),
     # the selected components' own option checks run at load time, not mid-run
     (("seg.method=auxsegnet", "seg.auxsegnet.rounds=0"), "seg.auxsegnet.rounds: must be >= 1"),
 ])

@@ -314,6 +314,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "cyclic.selection": ("last", "best_val_uses_gt"),
     "trainer.logger": ("csv", "tensorboard"),
     "saliency.source": ("model", "folder", "dataset"),
+    # Lightning's precision names (its aliases "32", "16", "bf16" included)
+    "trainer.precision": ("32-true", "32", "64-true", "64", "16-mixed", "16", "bf16-mixed", "bf16", "16-true", "bf16-true"),
 }
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -601,19 +603,27 @@ RANGES = {
     "seg.val_every": (0, "epochs between val logs (0 = off)"), "data.max_images": (0, "images per split (0 = all)"),
     "trainer.threads": (0, "torch threads (0 = library default)"), "trainer.num_workers": (0, "data-loader workers"),
     "trainer.checkpoint_every_steps": (0, "steps between checkpoints"), "report.samples": (0, "images shown in the report"),
+    "cam.weight_decay": (0, "weight decay"), "seg.weight_decay": (0, "weight decay"),
+    "cam.momentum": (0, "SGD momentum"), "seg.momentum": (0, "SGD momentum"),
+    "cam.color_jitter": (0, "colour-jitter strength (0 = off)"), "seg.color_jitter": (0, "colour-jitter strength (0 = off)"),
+    "data.shapes.num_train": (1, "synthetic training images"), "data.shapes.num_val": (1, "synthetic validation images"),
+    "data.shapes.image_size": (16, "synthetic image side in pixels"),
 }
 
 
 def _validate_ranges(cfg: DictConfig) -> None:
-    """The plain numeric ranges of RANGES, learning rates > 0 and the background threshold in [0, 1]."""
+    """The plain numeric ranges of RANGES, learning rates >= 0, momenta < 1, the background threshold in [0, 1]."""
     for key, (low, what) in RANGES.items():
         value = OmegaConf.select(cfg, key)
         if value is not None and value < low:
             raise ConfigError(f"{key}: {what}, >= {low}, got {value}")
     for key in ("cam.lr", "seg.lr"):
         value = OmegaConf.select(cfg, key)
-        if value is not None and not value > 0:
-            raise ConfigError(f"{key}: a learning rate > 0, got {value}")
+        if value is not None and value < 0:  # 0 is allowed: a run whose weights must not move (tests, probes)
+            raise ConfigError(f"{key}: a learning rate >= 0, got {value}")
+    for key in ("cam.momentum", "seg.momentum"):
+        if OmegaConf.select(cfg, key) >= 1:
+            raise ConfigError(f"{key}: SGD momentum in [0, 1), got {OmegaConf.select(cfg, key)}")
     if not 0 <= cfg.pseudo.bg_threshold <= 1:
         raise ConfigError(f"pseudo.bg_threshold: a CAM score in [0, 1], got {cfg.pseudo.bg_threshold}")
 
