@@ -130,8 +130,8 @@ def test_ncut_present_classes_sums_the_image_tags_terms() -> None:
     tags = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 1.0]])  # (B, C - 1): image 0 has class 2, image 1 classes 1 and 3
     ref = _ncut_reference(logits.softmax(1), image, roi, SXY, SRGB, classes=[[0, 2], [0, 1, 3]])
     ours = NCutLoss(1.0, SRGB, SXY, scale=1.0, kernel="exact", classes="present")(logits.softmax(1), image, roi, tags)
-    assert torch.allclose(ours, ref, rtol=1e-10), (float(ours), float(ref))
-    assert float(ours) < float(ncut_loss(logits.softmax(1), image, roi, SRGB, SXY, kernel="exact"))
+    assert torch.allclose(ours, ref, rtol=1e-10), (ours.item(), ref.item())
+    assert ours.item() < ncut_loss(logits.softmax(1), image, roi, SRGB, SXY, kernel="exact").item()
     keep = torch.tensor([[1, 0, 1, 0], [1, 1, 0, 1]], dtype=torch.bool)
     assert torch.autograd.gradcheck(
         lambda z: ncut_loss(z.softmax(1), image, roi, SRGB, SXY, kernel="exact", classes=keep), (logits,))
