@@ -139,7 +139,7 @@ def test_ncut_present_classes_sums_the_image_tags_terms() -> None:
     reg = ncut(NCutOptions(scale=1.0, classes="present", weight=2.0))
     batch = {"image": image.float(), "roi": roi, "labels": tags}
     loss, _ = reg({"logits": logits.detach().float()}, batch, 0)
-    assert float(loss) == pytest.approx(2.0 * float(ref), rel=0.15)  # float32 lattice vs exact kernel
+    assert loss.item() == pytest.approx(2.0 * ref.item(), rel=0.15)  # float32 lattice vs exact kernel
     with pytest.raises(ValueError, match="classes"):
         NCutLoss(1.0, SRGB, SXY, classes="tagged")
 
