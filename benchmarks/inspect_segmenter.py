@@ -3,13 +3,16 @@
 Reads a run directory of `wsss run` (its config.yaml) and a network state: the last training
 checkpoint (`--state last`, i.e. where training was when it stopped, not the exported best weights) or
 the exported model (`--state model`). Predicts the first `--images` ids of `seg/holdout.txt` (the
-convergence protocol's held-out part; train ids without it) at scale 1 and prints:
+convergence protocol's held-out part; train ids without it), or of val with `--split val`, at scale 1
+and prints:
+  - the mIoU over those images (one confusion matrix, as the evaluate stage),
   - the share of pixels predicted as each class, and in the ground truth,
   - the share of pixels predicted as a class that the image's ground truth contains (background
     counts when the image has background),
   - the mean maximum softmax probability and the mean entropy of the softmax (ln C = uniform).
 
     python benchmarks/inspect_segmenter.py /work/bench/conv2/scribbles_ncut_s0 --state last --images 12
+    python benchmarks/inspect_segmenter.py /work/bench/conv2/scribbles_full_s0 --state last --split val --images 200
 
 Written to explain a collapse (docs/methods/scribbles.md, the normalized cut on voc12-mini).
 """
@@ -30,16 +33,18 @@ def main() -> None:
     p.add_argument("--state", choices=("last", "model"), default="last")
     p.add_argument("--images", type=int, default=12)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--split", choices=("holdout", "val"), default="holdout")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
     from wsss.config import load_recipe
     from wsss.engine.export import load_weights
     from wsss.engine.inference import segment_probs
+    from wsss.metrics import ConfusionMatrix
     from wsss.stages.common import seg_method, split_dataset
 
     cfg = load_recipe(args.run / "config.yaml")
-    ds = split_dataset(cfg, cfg.data.train_split)
+    ds = split_dataset(cfg, cfg.data.val_split if args.split == "val" else cfg.data.train_split)
     method = seg_method(cfg, ds.class_names)
     if args.state == "last":
         ckpt = torch.load(args.run / "seg" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
@@ -53,25 +58,28 @@ def main() -> None:
         where = "exported model"
     method.eval()
     holdout = args.run / "seg" / "holdout.txt"
-    ids = (holdout.read_text().split() if holdout.is_file() else list(ds.ids))[:args.images]
+    ids = (holdout.read_text().split() if holdout.is_file() and args.split == "holdout" else list(ds.ids))[:args.images]
 
     num_classes = len(ds.class_names)
     counts = np.zeros(num_classes)
     gt_counts = np.zeros(num_classes)
     in_image = max_prob = entropy = 0.0
+    cm = ConfusionMatrix(num_classes)
     for sid in ids:
         with torch.no_grad():
             probs = segment_probs(method, ds.load_image(sid), scales=(1.0,), flip=False)  # (C, H, W)
         pred = probs.argmax(0).numpy()
         counts += np.bincount(pred.ravel(), minlength=num_classes)
         mask = ds.load_mask(sid)
+        cm.update(pred, mask)
         gt_counts += np.bincount(mask[mask != 255].ravel(), minlength=num_classes)[:num_classes]
         present = [c for c in np.unique(mask) if c != 255]
         in_image += float(np.isin(pred, present).mean())
         max_prob += float(probs.max(0).values.mean())
         entropy += float(-(probs * probs.clamp_min(1e-12).log()).sum(0).mean())
     n = len(ids)
-    print(f"{args.run.name}: {where}, {n} held-out images")
+    print(f"{args.run.name}: {where}, {n} {'held-out' if args.split == 'holdout' else 'val'} images, "
+          f"mIoU {100 * cm.compute(ds.class_names).miou:.2f}")
     share = counts / counts.sum()
     order = np.argsort(-share)
     print("predicted pixels by class: " + ", ".join(f"{ds.class_names[c]} {100 * share[c]:.1f}%" for c in order
