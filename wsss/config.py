@@ -604,7 +604,6 @@ RANGES = {
     "trainer.threads": (0, "torch threads (0 = library default)"), "trainer.num_workers": (0, "data-loader workers"),
     "trainer.checkpoint_every_steps": (0, "steps between checkpoints"), "report.samples": (0, "images shown in the report"),
     "cam.weight_decay": (0, "weight decay"), "seg.weight_decay": (0, "weight decay"),
-    "cam.momentum": (0, "SGD momentum"), "seg.momentum": (0, "SGD momentum"),
     "cam.color_jitter": (0, "colour-jitter strength (0 = off)"), "seg.color_jitter": (0, "colour-jitter strength (0 = off)"),
     "data.shapes.num_train": (1, "synthetic training images"), "data.shapes.num_val": (1, "synthetic validation images"),
     "data.shapes.image_size": (16, "synthetic image side in pixels"),
@@ -612,7 +611,7 @@ RANGES = {
 
 
 def _validate_ranges(cfg: DictConfig) -> None:
-    """The plain numeric ranges of RANGES, learning rates >= 0, momenta < 1, the background threshold in [0, 1]."""
+    """The plain numeric ranges of RANGES, learning rates >= 0, momenta in [0, 1), the background threshold in [0, 1]."""
     for key, (low, what) in RANGES.items():
         value = OmegaConf.select(cfg, key)
         if value is not None and value < low:
@@ -622,8 +621,9 @@ def _validate_ranges(cfg: DictConfig) -> None:
         if value is not None and value < 0:  # 0 is allowed: a run whose weights must not move (tests, probes)
             raise ConfigError(f"{key}: a learning rate >= 0, got {value}")
     for key in ("cam.momentum", "seg.momentum"):
-        if OmegaConf.select(cfg, key) >= 1:
-            raise ConfigError(f"{key}: SGD momentum in [0, 1), got {OmegaConf.select(cfg, key)}")
+        value = OmegaConf.select(cfg, key)
+        if not 0 <= value < 1:
+            raise ConfigError(f"{key}: SGD momentum in [0, 1), got {value}")
     if not 0 <= cfg.pseudo.bg_threshold <= 1:
         raise ConfigError(f"pseudo.bg_threshold: a CAM score in [0, 1], got {cfg.pseudo.bg_threshold}")
 

@@ -23,7 +23,6 @@ Evaluation and prediction use the last round's model (`seg_r<rounds>/`).
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -156,16 +155,14 @@ def run(rd: RunDir) -> dict:
     if rd.is_done(STAGE, last):
         log.info("auxseg_rounds: done for this config, skipping (--force to rerun)")
         return rd.metrics(STAGE)
-    rd.reset_outputs_if_stale(STAGE, round_outputs(rd))
+    rd.reset_outputs_if_stale(STAGE, round_outputs(rd, STAGE))
     with rd.running(STAGE) as metrics:
         configure_threads(cfg)
         for k in range(1, rounds + 1):
             model = model_dir(rd, k)
             if not (model / "model.safetensors").is_file():
-                start = time.time()
                 labels = labels_dir(rd, k - 1 if updates else 0)
-                train = train_segmenter(rd, model, "pseudo", labels, init=_init_dir(rd, k, o))
-                metrics[f"r{k}_train"] = {**train, "seconds": round(time.time() - start, 1)}
+                metrics[f"r{k}_train"] = train_segmenter(rd, model, "pseudo", labels, init=_init_dir(rd, k, o))
             else:  # made by an earlier run of this config (fewer rounds, or killed)
                 metrics.update(kept_round_metrics(rd, STAGE, k))
             if updates and (k < rounds or o.update_after_last):

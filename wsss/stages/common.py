@@ -10,6 +10,7 @@ import functools
 import logging
 import re
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -27,7 +28,7 @@ from wsss.engine.rundir import RunDir
 from wsss.errors import ConfigError
 from wsss.io import atomic
 from wsss.io.images import image_size
-from wsss.registry import CAM_METHODS, REGULARIZERS, SEG_METHODS
+from wsss.registry import CAM_METHODS, REGULARIZERS, SEG_METHODS, STAGES
 
 log = logging.getLogger("wsss")
 
@@ -232,10 +233,11 @@ def feature_cached(rd: RunDir, module: Any, targets: Any) -> tuple[Any, dict]:
     return cached, {"feature_cache": {"dir": where, "views": len(layout.views()), **stats}}
 
 
-def round_outputs(rd: RunDir) -> list[Path]:
-    """Every `pseudo_r<k>/` and `seg_r<k>/` in the run, whatever the current number of rounds: a stale
-    config must not leave a later round behind for a longer run to pick up."""
-    return sorted(p for p in rd.path.glob("*_r*") if re.fullmatch(r"(pseudo|seg)_r\d+", p.name))
+def round_outputs(rd: RunDir, stage: str) -> list[Path]:
+    """Every round folder the stage's table entry declares (`pseudo_r*`, `seg_r*`), whatever the current
+    number of rounds: a stale config must not leave a later round behind for a longer run to pick up."""
+    return sorted(p for pattern in STAGES.get(stage).outputs for p in rd.path.glob(pattern)
+                  if re.fullmatch(r".+_r\d+", p.name))
 
 
 def kept_round_metrics(rd: RunDir, stage: str, k: int) -> dict[str, Any]:
@@ -307,6 +309,7 @@ def train_segmenter(rd: RunDir, out: Path, source: str, pseudo_dir: Optional[Pat
     from wsss.engine.export import export_net, load_shared_weights, load_weights
     from wsss.engine.trainer import build_trainer, configure_threads, fit
 
+    began = time.time()
     cfg = rd.cfg
     configure_threads(cfg)
     seed = seg_seed(cfg)
@@ -353,4 +356,5 @@ def train_segmenter(rd: RunDir, out: Path, source: str, pseudo_dir: Optional[Pat
         metrics.update(selected_step=keep.step, selected_val_miou_uses_gt=round(keep.best, 4) if keep.step >= 0 else None)
     elif "val/miou" in trainer.callback_metrics:
         metrics["last_val_miou_monitor"] = float(trainer.callback_metrics["val/miou"])
+    metrics["seconds"] = round(time.time() - began, 1)  # of this call (a resumed training: since the resume)
     return metrics

@@ -21,7 +21,6 @@ round whose model exists is not retrained.
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 from tqdm import tqdm
@@ -70,7 +69,7 @@ def run(rd: RunDir) -> dict:
     if rd.is_done(STAGE, [last_model]):
         log.info("cyclic: done for this config, skipping (--force to rerun)")
         return rd.metrics(STAGE)
-    rd.reset_outputs_if_stale(STAGE, round_outputs(rd))
+    rd.reset_outputs_if_stale(STAGE, round_outputs(rd, STAGE))
     with rd.running(STAGE) as metrics:
         configure_threads(cfg)
         source = rd.sub("seg")
@@ -84,10 +83,8 @@ def run(rd: RunDir) -> dict:
             if masks.is_dir():
                 metrics.update(_mask_metrics(rd, masks, k))
             if not trained:
-                start = time.time()
-                result = train_segmenter(rd, model, "pseudo", masks, cfg.cyclic.loss,
-                                         keep_best_val=cfg.cyclic.selection == "best_val_uses_gt")
-                metrics[f"r{k}_train"] = {**result, "seconds": round(time.time() - start, 1)}
+                metrics[f"r{k}_train"] = train_segmenter(rd, model, "pseudo", masks, cfg.cyclic.loss,
+                                                         keep_best_val=cfg.cyclic.selection == "best_val_uses_gt")
             else:  # made by an earlier run of this config (fewer rounds, or killed)
                 metrics.update(kept_round_metrics(rd, STAGE, k))
             source = model
