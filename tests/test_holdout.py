@@ -95,6 +95,7 @@ def test_select_is_a_copy_with_only_the_given_ids(make_voc):
      "cyclic.selection: best_val_uses_gt selects on val ground truth"),
     (["seg.seed=-2"], "seg.seed: a seed >= 0, or -1 for trainer.seed"),
     (["cyclic.rounds=-1"], "cyclic.rounds: the number of cyclic pseudo-mask rounds, >= 0 (0 = off), got -1"),
+    (["seg.convergence.keep=final"], "seg.convergence.keep"),
 ])
 def test_bad_protocol_values_are_one_line_config_errors(overrides, needle):
     with pytest.raises(ConfigError) as err:
@@ -106,7 +107,8 @@ def test_protocol_defaults_are_off_and_voc12mini_recipes_turn_it_on():
     cfg = load_recipe(None)
     assert (cfg.seg.convergence.holdout, cfg.seg.convergence.patience) == (0.0, 3)
     mini = load_recipe(REPO / "configs" / "voc12mini_cam.yaml", [f"data.root={REPO}"])
-    assert mini.seg.convergence.holdout == 0.2 and mini.seg.convergence.patience >= 1
+    # the protocol's second version: a fixed poly schedule to 0, the last weights kept (docs/protocol.md)
+    assert mini.seg.convergence.holdout == 0.2 and (mini.seg.convergence.patience, mini.seg.convergence.keep) == (0, "last")
     assert mini.seg.epochs >= 20 and mini.seg.val_every <= 1
 
 
@@ -120,6 +122,9 @@ def test_the_protocol_enters_stage_hashes_only_when_on():
     assert seg_hash() == seg_hash("seg.convergence.patience=7")
     assert seg_hash("seg.convergence.holdout=0.2") != seg_hash("seg.convergence.holdout=0.2", "seg.convergence.patience=7")
     assert seg_hash() != seg_hash("seg.convergence.holdout=0.2")
+    # keep: best (the only behaviour before the key existed) stays out of the hash; last enters it
+    on = "seg.convergence.holdout=0.2"
+    assert seg_hash(on) == seg_hash(on, "seg.convergence.keep=best") != seg_hash(on, "seg.convergence.keep=last")
     # seg.seed (segmenter seeds that share CAMs) enters only when set
     assert seg_hash() != seg_hash("seg.seed=0") != seg_hash("seg.seed=1")
 
@@ -288,9 +293,6 @@ def test_the_exported_model_scores_the_best_held_out_miou_of_a_learning_run(tmp_
     again on the held-out images gives that number."""
     import csv
 
-    from wsss.metrics import ConfusionMatrix
-    from wsss.stages.common import load_predictor, split_dataset
-
     metrics = _train_seg(tmp_path, "seg.lr=0.05", "seg.epochs=4", "seg.convergence.patience=1")
     seg = tmp_path / "runs" / "r" / "seg"
     rows = [r for r in csv.DictReader((seg / "logs" / "metrics.csv").open()) if r.get("holdout/miou")]
@@ -299,14 +301,40 @@ def test_the_exported_model_scores_the_best_held_out_miou_of_a_learning_run(tmp_
     assert metrics["holdout_best_epoch"] == 1 + int(np.argmax(curve))
     assert metrics["holdout_best_miou"] == round(max(curve), 4)
     assert metrics["stopped_early"] == (metrics["stopped_at_epoch"] < 4)
+    assert metrics["holdout_last_miou"] == round(curve[-1], 4) and metrics["kept"] == "best"
+    assert _held_out_miou(tmp_path, seg) == pytest.approx(metrics["holdout_best_miou"], abs=1e-4)
+
+
+def test_keep_last_exports_the_last_epoch_whatever_the_held_out_curve_says(tmp_path):
+    """seg.convergence.keep=last, patience 0: all epochs train, the model is the last epoch's weights (scoring
+    them gives the last logged held-out mIoU), and the best held-out epoch is still recorded."""
+    import csv
+
+    metrics = _train_seg(tmp_path, "seg.lr=0.05", "seg.epochs=4", "seg.convergence.patience=0",
+                         "seg.convergence.keep=last")
+    seg = tmp_path / "runs" / "r" / "seg"
+    curve = [float(r["holdout/miou"]) for r in csv.DictReader((seg / "logs" / "metrics.csv").open()) if r.get("holdout/miou")]
+    assert len(curve) == metrics["stopped_at_epoch"] == 4 and not metrics["stopped_early"]
+    assert (metrics["kept"], metrics["holdout_last_miou"]) == ("last", round(curve[-1], 4))
+    assert metrics["holdout_best_miou"] == round(max(curve), 4)
+    assert _held_out_miou(tmp_path, seg) == pytest.approx(curve[-1], abs=1e-4)
+    model, best = load_file(seg / "model.safetensors"), load_file(seg / "best_holdout" / "model.safetensors")
+    assert any(not torch.equal(model[k], best[k]) for k in model) == (metrics["holdout_best_epoch"] != 4)
+
+
+def _held_out_miou(tmp_path: Path, seg: Path) -> float:
+    """The exported model's mIoU on the held-out images, scored as validation_step scores."""
+    from wsss.metrics import ConfusionMatrix
+    from wsss.stages.common import load_predictor, split_dataset
+
     cfg = _cfg(tmp_path)
     ds = split_dataset(cfg, "train")
     predictor = load_predictor(cfg, seg, ds.class_names, torch.device("cpu"))
     cm = ConfusionMatrix(ds.num_classes)
     for sid in (seg / "holdout.txt").read_text().split():
         sample = ds.load(sid, ("image", "mask"))
-        cm.update(predictor.probs(sample["image"]).argmax(0), sample["mask"])  # as validation_step scores
-    assert cm.compute(ds.class_names).miou == pytest.approx(metrics["holdout_best_miou"], abs=1e-4)
+        cm.update(predictor.probs(sample["image"]).argmax(0), sample["mask"])
+    return cm.compute(ds.class_names).miou
 
 
 # slowed renames (0.3 s a checkpoint) leave time to kill it between epoch 1 and the end

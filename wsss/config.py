@@ -179,6 +179,9 @@ class ConvergenceConfig:
 
     holdout: float = 0.0  # fraction of the train split's ids held out of training (0 = off); fixed by SHA-1 of the ids
     patience: int = 3  # stop after this many epochs without a better held-out mIoU (0 = never early); seg.epochs is the maximum
+    # which weights become the model: best (the best held-out epoch's) | last (the last epoch's: with patience 0
+    # the poly schedule has reached 0 there, and no pick among noisy held-out scores is made)
+    keep: str = "best"
 
 
 @dataclass
@@ -312,6 +315,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "seg.loss.kernelcut.potts.relaxation": ("bilinear", "squared"),
     "eval.absent": ("union", "gt"),
     "cyclic.selection": ("last", "best_val_uses_gt"),
+    "seg.convergence.keep": ("best", "last"),
     "trainer.logger": ("csv", "tensorboard"),
     "saliency.source": ("model", "folder", "dataset"),
     # Lightning's precision names (its aliases "32", "16", "bf16" included)
@@ -717,7 +721,7 @@ LOCATION_KEYS = frozenset({"seg.feature_cache.root"})
 
 # Options added after runs existed, with the value that keeps the earlier behaviour: left out of stage
 # hashes at that value, so adding them did not make finished runs stale.
-LATER_OPTIONS = {"seg.auxsegnet.update_labels": True}
+LATER_OPTIONS = {"seg.auxsegnet.update_labels": True, "seg.convergence.keep": "best"}
 
 
 def _inactive_sections(cfg: DictConfig) -> set[str]:

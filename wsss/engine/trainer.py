@@ -97,6 +97,7 @@ class KeepBestVal(L.Callback):
         self.out, self.section, self.class_names = out / folder, section, class_names
         self.monitor, self.patience = monitor, patience
         self.best, self.step = float("-inf"), -1
+        self.last = float("nan")  # the latest validated mIoU
         self.epoch = 0  # epochs trained when the best was reached (1-based)
         self.stopped_epoch = 0  # epochs trained when patience ran out (0 = not stopped)
 
@@ -111,6 +112,7 @@ class KeepBestVal(L.Callback):
         if miou is None or trainer.sanity_checking:
             return
         epoch = int(trainer.current_epoch) + 1
+        self.last = float(miou)
         if float(miou) > self.best:
             self.best, self.step, self.epoch = float(miou), int(trainer.global_step), epoch
             if trainer.is_global_zero:
@@ -122,11 +124,13 @@ class KeepBestVal(L.Callback):
                 trainer.should_stop, self.stopped_epoch = True, epoch
 
     def state_dict(self) -> dict:  # saved in checkpoints, so a resumed run remembers the best so far
-        return {"best": self.best, "step": self.step, "epoch": self.epoch, "stopped_epoch": self.stopped_epoch}
+        return {"best": self.best, "step": self.step, "epoch": self.epoch, "stopped_epoch": self.stopped_epoch,
+                "last": self.last}
 
     def load_state_dict(self, state: dict) -> None:
         self.best, self.step = state["best"], state["step"]
-        self.epoch, self.stopped_epoch = state.get("epoch", 0), state.get("stopped_epoch", 0)  # older checkpoints lack them
+        # older checkpoints lack these
+        self.epoch, self.stopped_epoch, self.last = state.get("epoch", 0), state.get("stopped_epoch", 0), state.get("last", float("nan"))
 
 
 def configure_threads(cfg: DictConfig) -> None:

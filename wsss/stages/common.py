@@ -300,7 +300,8 @@ def train_segmenter(rd: RunDir, out: Path, source: str, pseudo_dir: Optional[Pat
     weights start the network where names and shapes agree (AuxSegNet's warm starts); a resumed
     checkpoint wins over it. seg.convergence.holdout > 0 (docs/protocol.md): the held-out part of
     the train split never trains; it is validated instead of val, training stops when its mIoU has
-    not improved for seg.convergence.patience epochs, and its best weights become the model.
+    not improved for seg.convergence.patience epochs, and its best weights (seg.convergence.keep=best)
+    or its last ones (keep=last) become the model.
     """
     import lightning as L
     from torch.utils.data import DataLoader
@@ -340,7 +341,8 @@ def train_segmenter(rd: RunDir, out: Path, source: str, pseudo_dir: Optional[Pat
         atomic.write_text(out / "holdout.txt", "".join(f"{sid}\n" for sid in held.ids))
     start = fit(trainer, module, out, loader, val_loader)
     if dist.is_main():
-        if keep is not None and keep.step >= 0:  # best-val (or best held-out) weights become the model
+        keep_last = held is not None and cfg.seg.convergence.keep == "last"
+        if keep is not None and keep.step >= 0 and not keep_last:  # best-val (or best held-out) weights become the model
             load_weights(module.net, keep.out, "seg", ds.class_names)
         export_net(module.net, out, "seg", cfg.seg, ds.class_names)
     dist.barrier()
@@ -351,7 +353,8 @@ def train_segmenter(rd: RunDir, out: Path, source: str, pseudo_dir: Optional[Pat
         found = keep.step >= 0
         metrics.update(holdout_images=len(held), holdout_best_miou=round(keep.best, 4) if found else None,
                        holdout_best_epoch=keep.epoch if found else None, holdout_best_step=keep.step if found else None,
-                       stopped_at_epoch=int(trainer.current_epoch), stopped_early=bool(keep.stopped_epoch))
+                       stopped_at_epoch=int(trainer.current_epoch), stopped_early=bool(keep.stopped_epoch),
+                       holdout_last_miou=round(keep.last, 4) if found else None, kept=cfg.seg.convergence.keep)
     elif keep is not None:
         metrics.update(selected_step=keep.step, selected_val_miou_uses_gt=round(keep.best, 4) if keep.step >= 0 else None)
     elif "val/miou" in trainer.callback_metrics:
