@@ -291,6 +291,13 @@ def validation_plan(cfg: DictConfig, out: Path, class_names: list[str], held: Op
     return val, val_every, KeepBestVal(out, cfg.seg, class_names) if keep_best_val else None
 
 
+def protocol_note(convergence: Any, held_images: int) -> str:
+    """How the convergence protocol ends a run, for the log line that starts it."""
+    stop = (f" at most, early stopping on {held_images} held-out images" if convergence.patience > 0
+            else f", validating {held_images} held-out images every epoch")
+    return stop + f", keeping the {convergence.keep} weights"
+
+
 def train_segmenter(rd: RunDir, out: Path, source: str, pseudo_dir: Optional[Path], pixel_loss: Optional[str] = None,
                     keep_best_val: bool = False, init: Optional[Path] = None) -> dict:
     """Train one segmentation method into `out` (train_seg and every cyclic round); returns its metrics.
@@ -336,7 +343,7 @@ def train_segmenter(rd: RunDir, out: Path, source: str, pseudo_dir: Optional[Pat
     log.info("%s: %s %s/%s on %d images, labels=%s, loss=%s%s, %s%s", out.name, cfg.seg.method, cfg.seg.arch,
              cfg.seg.encoder.name, len(ds), source, loss.pixel, f" + {loss.regularizer}" if loss.regularizer else "",
              f"{cfg.seg.max_steps} steps" if cfg.seg.max_steps > 0 else f"{cfg.seg.epochs} epochs",
-             f" at most, early stopping on {len(held)} held-out images" if held is not None else "")
+             protocol_note(cfg.seg.convergence, len(held)) if held is not None else "")
     if held is not None and dist.is_main():  # which images were held out, for the record
         atomic.write_text(out / "holdout.txt", "".join(f"{sid}\n" for sid in held.ids))
     start = fit(trainer, module, out, loader, val_loader)
