@@ -11,6 +11,7 @@ Tables:
              pce_images: pCE with the feature cache off (the cache's check at convergence), and
              ncut_present / kernelcut_present: the normalized cut over the image's own classes,
              ncut_weak: the normalized cut at a tenth of the recipe's weight (a diagnostic),
+             dfr_predwarm: DFR whose head pairs take no prediction labels in the first quarter (a diagnostic),
              <loss>_ft: rloss's second phase, the pce row's segmenter fine-tuned with the regulariser
              (seg.init; run the pce row of the same seed first)
   image      the image-level pipeline of configs/voc12mini_cam.yaml (section 4): one CAM run, its
@@ -87,6 +88,10 @@ SCRIBBLES = Table({
                              seed_key="trainer.seed"),
     # diagnostic: the normalized cut at a tenth of the calibrated weight (is the collapse the weight's?)
     "ncut_weak": Run("voc12mini_scribble_ncut.yaml", ("seg.loss.ncut.weight=0.32",), seed_key="trainer.seed"),
+    # diagnostic: the DFR head learns from scribble cells alone for the first quarter of the 20-epoch schedule
+    # (5 epochs x 33 steps), before confident predictions join its pairs
+    "dfr_predwarm": Run("voc12mini_scribble_dfr.yaml", ("seg.loss.dfr.prediction_labels_from_step=165",),
+                        seed_key="trainer.seed"),
     # rloss's two phases: the pce row's segmenter (same seed) fine-tuned with the regulariser, same protocol
     **{f"{row}_ft": Run(f"voc12mini_scribble_{row}.yaml", ("seg.init={out}/scribbles_pce_s{seed}/seg",),
                         seed_key="trainer.seed")

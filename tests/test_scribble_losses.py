@@ -217,6 +217,19 @@ def test_dfr_loss_trains_head_and_detaches_kernel() -> None:
     assert "dfr_potts" not in parts
 
 
+def test_dfr_head_labels_only_scribbled_cells_before_prediction_labels_start() -> None:
+    """Before prediction_labels_from_step the head's pairs come from scribble cells alone; from it on, cells the
+    network predicts confidently join them."""
+    confident = torch.zeros(1, 3, 32, 32)
+    confident[:, 0] = 1.0  # every pixel predicted background with probability 1
+    target = torch.full((1, 32, 32), 255)
+    target[:, 0:4, 0:4], target[:, 28:32, 28:32] = 1, 2  # two scribbled cells of an 8 x 8 grid
+    loss_fn = DFRLoss(in_channels=4, num_classes=3, size=8, prediction_labels_from_step=5)
+    args = (confident, torch.randn(1, 4, 8, 8), _image(1, 32, 32), target, None)
+    assert float(loss_fn(*args, step=4)[1]["dfr_labelled_cells"]) == pytest.approx(2 / 64)
+    assert float(loss_fn(*args, step=5)[1]["dfr_labelled_cells"]) == 1.0
+
+
 def _seg_cfg(**over) -> OmegaConf:
     cfg = OmegaConf.structured(SegConfig)
     cfg.merge_with(over)

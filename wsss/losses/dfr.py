@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from wsss.errors import ConfigError
+
 
 _EPS = 1e-6
 
@@ -48,6 +50,14 @@ class DFROptions:
     confidence: float = 0.9  # predicted cells above this join the scribbles as pair labels for the head
     densecrf: bool = True  # also add the full-resolution DenseCRF loss of seg.loss.densecrf
     warmup_steps: int = 0  # the deep-kernel term starts after this many steps (the head trains from step 0)
+    # confident predictions join the head's pair labels from this step on (before it: scribble cells only),
+    # so that the early, background-biased predictions do not teach the head
+    prediction_labels_from_step: int = 0
+
+    def __post_init__(self) -> None:
+        if self.prediction_labels_from_step < 0 or self.warmup_steps < 0:
+            raise ConfigError("seg.loss.dfr: warmup_steps and prediction_labels_from_step are steps, >= 0, got "
+                              f"{self.warmup_steps} and {self.prediction_labels_from_step}")
 
 
 def grid_shape(height: int, width: int, size: int) -> tuple[int, int]:
@@ -181,12 +191,13 @@ class DFRLoss(nn.Module):
     def __init__(self, in_channels: int, num_classes: int, weight: float = 1.0, sigma_xy: float = 80.0,
                  sigma_rgb: float = 30.0, sigma_deep: float = 0.5, size: int = 32, feature_dim: int = 32,
                  head_channels: int = 64, consistency_weight: float = 0.1, confidence: float = 0.9,
-                 warmup_steps: int = 0):
+                 warmup_steps: int = 0, prediction_labels_from_step: int = 0):
         super().__init__()
         self.head = ConsistencyHead(in_channels, head_channels, feature_dim)
         self.num_classes = num_classes
         self.weight, self.sigma_xy, self.sigma_rgb, self.sigma_deep = weight, sigma_xy, sigma_rgb, sigma_deep
         self.size, self.consistency_weight, self.confidence, self.warmup_steps = size, consistency_weight, confidence, warmup_steps
+        self.prediction_labels_from_step = prediction_labels_from_step
 
     def forward(self, probs: Tensor, features: Tensor, image: Tensor, target: Tensor, roi: Optional[Tensor],
                 step: int = 0) -> tuple[Tensor, dict[str, Tensor]]:
@@ -207,10 +218,11 @@ class DFRLoss(nn.Module):
         feats = features_to_grid(features.to(dtype), grid)  # the head runs on the grid: cheap
         emb = self.head(feats).flatten(2).transpose(1, 2)  # (B, P, D), unit length
 
-        # Head: pairs of labelled cells (scribbles first, then confident predictions).
+        # Head: pairs of labelled cells (scribbles first, then confident predictions once they may join).
         labels = scribble_cell_labels(target, c, grid)
-        conf, pred = probs.detach().max(-1)
-        labels = torch.where((labels < 0) & (conf > self.confidence), pred, labels)
+        if step >= self.prediction_labels_from_step:
+            conf, pred = probs.detach().max(-1)
+            labels = torch.where((labels < 0) & (conf > self.confidence), pred, labels)
         labels = torch.where(valid, labels, torch.full_like(labels, -1))
         cons, n_pairs = consistency_loss(emb, labels, self.sigma_deep)
         parts = {"dfr_consistency": cons.detach(), "dfr_labelled_cells": (labels >= 0).float().mean()}

@@ -65,7 +65,8 @@ class DFRRegularizer(nn.Module):
         self.crf = _densecrf(densecrf) if d.densecrf and densecrf.weight > 0 else None
         self.dfr = DFRLoss(feature_channels, num_classes, weight=d.weight, sigma_xy=d.sigma_xy, sigma_rgb=d.sigma_rgb,
                            sigma_deep=d.sigma_deep, size=d.size, feature_dim=d.feature_dim, head_channels=d.head_channels,
-                           consistency_weight=d.consistency_weight, confidence=d.confidence, warmup_steps=d.warmup_steps)
+                           consistency_weight=d.consistency_weight, confidence=d.confidence, warmup_steps=d.warmup_steps,
+                           prediction_labels_from_step=d.prediction_labels_from_step)
 
     def forward(self, out: dict[str, Tensor], batch: dict[str, Any], step: int) -> tuple[Tensor, dict[str, Tensor]]:
         if "features" not in out:
