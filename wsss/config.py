@@ -721,7 +721,8 @@ LOCATION_KEYS = frozenset({"seg.feature_cache.root"})
 
 # Options added after runs existed, with the value that keeps the earlier behaviour: left out of stage
 # hashes at that value, so adding them did not make finished runs stale.
-LATER_OPTIONS = {"seg.auxsegnet.update_labels": True, "seg.convergence.keep": "best"}
+LATER_OPTIONS = {"seg.auxsegnet.update_labels": True, "seg.convergence.keep": "best",
+                 "seg.loss.dfr.prediction_labels_from_step": 0}
 
 
 def _inactive_sections(cfg: DictConfig) -> set[str]:
