@@ -129,8 +129,8 @@ class KeepBestVal(L.Callback):
 
     def load_state_dict(self, state: dict) -> None:
         self.best, self.step = state["best"], state["step"]
-        # older checkpoints lack these
-        self.epoch, self.stopped_epoch, self.last = state.get("epoch", 0), state.get("stopped_epoch", 0), state.get("last", float("nan"))
+        self.epoch, self.stopped_epoch = state.get("epoch", 0), state.get("stopped_epoch", 0)  # older checkpoints lack them
+        self.last = state.get("last", float("nan"))
 
 
 def configure_threads(cfg: DictConfig) -> None:
