@@ -90,11 +90,11 @@ def test_select_is_a_copy_with_only_the_given_ids(make_voc):
 @pytest.mark.parametrize("overrides, needle", [
     (["seg.convergence.holdout=1.0"], "seg.convergence.holdout: a fraction of the train split in [0, 1)"),
     (["seg.convergence.holdout=-0.2"], "seg.convergence.holdout"),
-    (["seg.convergence.patience=-1"], "seg.convergence.patience: epochs without improvement, >= 0"),
+    (["seg.convergence.patience=-1"], "seg.convergence.patience: epochs without improvement (0 = never stop early), >= 0, got -1"),
     (["seg.convergence.holdout=0.2", "cyclic.rounds=1", "cyclic.selection=best_val_uses_gt"],
      "cyclic.selection: best_val_uses_gt selects on val ground truth"),
-    (["seg.seed=-2"], "seg.seed: a seed >= 0, or -1 for trainer.seed"),
-    (["cyclic.rounds=-1"], "cyclic.rounds: the number of cyclic pseudo-mask rounds, >= 0 (0 = off), got -1"),
+    (["seg.seed=-2"], "seg.seed: a seed, or -1 for trainer.seed, >= -1, got -2"),
+    (["cyclic.rounds=-1"], "cyclic.rounds: the number of cyclic pseudo-mask rounds (0 = off), >= 0, got -1"),
     (["seg.convergence.keep=final"], "seg.convergence.keep"),
 ])
 def test_bad_protocol_values_are_one_line_config_errors(overrides, needle):

@@ -611,6 +611,9 @@ RANGES = {
     "cam.color_jitter": (0, "colour-jitter strength (0 = off)"), "seg.color_jitter": (0, "colour-jitter strength (0 = off)"),
     "data.shapes.num_train": (1, "synthetic training images"), "data.shapes.num_val": (1, "synthetic validation images"),
     "data.shapes.image_size": (16, "synthetic image side in pixels"),
+    "cyclic.rounds": (0, "the number of cyclic pseudo-mask rounds (0 = off)"),
+    "seg.convergence.patience": (0, "epochs without improvement (0 = never stop early)"),
+    "seg.seed": (-1, "a seed, or -1 for trainer.seed"),
 }
 
 
@@ -643,16 +646,10 @@ def _validate_selected_options(cfg: DictConfig) -> None:
 
 
 def _validate_convergence(cfg: DictConfig) -> None:
-    """Ranges of seg.convergence and cyclic.rounds; PMM's selection on val ground truth contradicts selecting on the held-out part."""
+    """The held-out fraction; PMM's selection on val ground truth contradicts selecting on the held-out part."""
     c = cfg.seg.convergence
     if not 0 <= c.holdout < 1:
         raise ConfigError(f"seg.convergence.holdout: a fraction of the train split in [0, 1) (0 = off), got {c.holdout}")
-    if cfg.seg.seed < -1:
-        raise ConfigError(f"seg.seed: a seed >= 0, or -1 for trainer.seed, got {cfg.seg.seed}")
-    if c.patience < 0:
-        raise ConfigError(f"seg.convergence.patience: epochs without improvement, >= 0 (0 = never stop early), got {c.patience}")
-    if cfg.cyclic.rounds < 0:
-        raise ConfigError(f"cyclic.rounds: the number of cyclic pseudo-mask rounds, >= 0 (0 = off), got {cfg.cyclic.rounds}")
     if c.holdout > 0 and cfg.cyclic.rounds > 0 and cfg.cyclic.selection == "best_val_uses_gt":
         raise ConfigError("cyclic.selection: best_val_uses_gt selects on val ground truth, but seg.convergence.holdout > 0 "
                           "selects every segmenter on the held-out part; set cyclic.selection=last")
