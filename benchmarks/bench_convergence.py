@@ -43,6 +43,8 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -178,6 +180,27 @@ def upstream_state(out: Path, links: dict[str, str], seed: int) -> dict:
     return state
 
 
+def mirror_run(source: Path, target: Path, copy_below: int = 1 << 20) -> None:
+    """`target` becomes a copy of `source` (a finished setup run of another --out) whose files of `copy_below`
+    bytes or more are symlinks: the CAMs, masks and weights are shared, not duplicated. wsss writes those
+    by atomic replace, which replaces a link rather than writing through it; the small files (manifest,
+    configs, logs, which a rerun stage may rewrite in place) are copies. A run folder that is itself a
+    symlink out of its run.root is refused by `wsss run`, hence the per-file mirror."""
+    if not (source / "manifest.json").is_file():
+        raise SystemExit(f"--setup-from: {source} has no manifest.json (not a wsss run)")
+    for folder, _, files in os.walk(source):
+        here = target / Path(folder).relative_to(source)
+        here.mkdir(parents=True, exist_ok=True)
+        for f in files:
+            src, dst = Path(folder) / f, here / f
+            if dst.exists() or dst.is_symlink():
+                continue
+            if src.stat().st_size >= copy_below:
+                dst.symlink_to(src.resolve())
+            else:
+                shutil.copy2(src, dst)
+
+
 def wsss_run(name: str, run: Run, seed: int, args: argparse.Namespace) -> dict:
     """`wsss run` one run (resumes or skips what is done, reruns if a linked run changed); its manifest's stages."""
     out = Path(args.out)
@@ -254,6 +277,8 @@ def main() -> None:
     p.add_argument("--set", nargs="*", default=[], help="extra overrides for every run")
     p.add_argument("--setup", nargs="*", default=None, help="a subset of the table's setup runs (default: all); "
                    "with `--rows` and no names, e.g. to make one shared run in its own process")
+    p.add_argument("--setup-from", type=Path, default=None, help="another --out whose finished setup runs this "
+                   "--out reuses (mirrored as symlinks; a stage whose config changed is rerun as usual)")
     p.add_argument("--progress", action="store_true", help="run nothing; print the held-out curves so far")
     args = p.parse_args()
     spec = TABLES[args.table]
@@ -263,6 +288,8 @@ def main() -> None:
         return progress(args, table)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     for name, run in table.setup.items():  # shared CAMs and pseudo masks, once
+        if args.setup_from is not None and not (Path(args.out) / name).exists():
+            mirror_run(args.setup_from / name, Path(args.out) / name)
         stages = wsss_run(name, run, 0, args)
         pseudo = stages.get("pseudo", {}).get("metrics", {})
         quality = [f"{label} {100 * pseudo[key]:.2f}" for key, label in (

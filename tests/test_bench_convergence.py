@@ -41,3 +41,18 @@ def test_a_row_reruns_with_force_only_when_its_linked_run_changed(tmp_path: Path
     bench.wsss_run("row_s0", row, 0, args)
     bench.wsss_run("row_s0", row, 0, args)  # recorded after the forced run: no second rerun
     assert ["--force" in c for c in calls] == [False, False, True, False]
+
+
+def test_setup_from_mirrors_a_finished_run_without_writing_through_to_it(tmp_path: Path):
+    """Large outputs are linked, small bookkeeping files copied: rewriting either in the mirror leaves the source."""
+    source, target = tmp_path / "old" / "image_cam", tmp_path / "new" / "image_cam"
+    (source / "cams").mkdir(parents=True)
+    (source / "manifest.json").write_text('{"stages": {}}')
+    (source / "cams" / "a.npy").write_bytes(b"x" * 64)
+    bench.mirror_run(source, target, copy_below=32)
+    assert (target / "cams" / "a.npy").is_symlink() and (target / "cams" / "a.npy").read_bytes() == b"x" * 64
+    assert not (target / "manifest.json").is_symlink()
+    (target / "manifest.json").write_text("rewritten")  # in place, as a log or manifest writer may
+    assert (source / "manifest.json").read_text() == '{"stages": {}}'
+    with pytest.raises(SystemExit, match="no manifest.json"):
+        bench.mirror_run(tmp_path / "old" / "missing", tmp_path / "new" / "missing")
