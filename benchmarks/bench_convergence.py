@@ -277,8 +277,8 @@ def main() -> None:
     p.add_argument("--set", nargs="*", default=[], help="extra overrides for every run")
     p.add_argument("--setup", nargs="*", default=None, help="a subset of the table's setup runs (default: all); "
                    "with `--rows` and no names, e.g. to make one shared run in its own process")
-    p.add_argument("--setup-from", type=Path, default=None, help="another --out whose finished setup runs this "
-                   "--out reuses (mirrored as symlinks; a stage whose config changed is rerun as usual)")
+    p.add_argument("--setup-from", type=Path, default=None, help="another --out whose setup runs this --out reuses "
+                   "where it has them (mirrored, large files linked; a stage whose config changed is rerun as usual)")
     p.add_argument("--progress", action="store_true", help="run nothing; print the held-out curves so far")
     args = p.parse_args()
     spec = TABLES[args.table]
@@ -288,7 +288,7 @@ def main() -> None:
         return progress(args, table)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     for name, run in table.setup.items():  # shared CAMs and pseudo masks, once
-        if args.setup_from is not None and not (Path(args.out) / name).exists():
+        if args.setup_from is not None and (args.setup_from / name).is_dir() and not (Path(args.out) / name).exists():
             mirror_run(args.setup_from / name, Path(args.out) / name)
         stages = wsss_run(name, run, 0, args)
         pseudo = stages.get("pseudo", {}).get("metrics", {})
