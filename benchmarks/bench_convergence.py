@@ -3,8 +3,8 @@
 Each row is a recipe plus overrides, run as `wsss run RECIPE run.stages=[train_seg,evaluate]` (or the
 row's stages) with the recipe's convergence protocol (a fixed held-out part of train validated every
 epoch; the voc12-mini recipes train a 20-epoch poly schedule to 0 and keep the last weights, see
-docs/protocol.md); val is evaluated once, at the end, and only reported. Runs already done are read back (rerun the command to extend a table), so a long
-table can be filled over several sessions.
+docs/protocol.md); val is evaluated once, at the end, and only reported. Runs already done are read
+back (rerun the command to extend a table), so a long table can be filled over several sessions.
 
 Tables:
   scribbles  full supervision, pCE and the regularized losses (no CAMs; seeds vary trainer.seed),
@@ -182,7 +182,7 @@ def upstream_state(out: Path, links: dict[str, str], seed: int) -> dict:
 
 def mirror_run(source: Path, target: Path, copy_below: int = 1 << 20) -> None:
     """`target` becomes a copy of `source` (a finished setup run of another --out) whose files of `copy_below`
-    bytes or more are symlinks: the CAMs, masks and weights are shared, not duplicated. wsss writes those
+    bytes or more are symlinks (weights, checkpoints, large maps: shared, not duplicated). wsss writes those
     by atomic replace, which replaces a link rather than writing through it; the small files (manifest,
     configs, logs, which a rerun stage may rewrite in place) are copies. A run folder that is itself a
     symlink out of its run.root is refused by `wsss run`, hence the per-file mirror."""
